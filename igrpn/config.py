@@ -1,0 +1,106 @@
+"""Constants shared by every module, and the three run profiles of DESIGN §8.
+
+Every size is given in millimetres and converted to voxels with the profile's spacing, so the
+paper's voxel numbers hold exactly at 1.3 mm and a coarser profile keeps the same anatomy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+#: Landmark names in class-id order (class id = index + 1; 0 is background). Left/right are the
+#: fetus's own.
+LANDMARKS: tuple[str, ...] = ("left_eye", "middle_eyebrow", "right_eye", "nose_tip", "chin")
+NUM_LANDMARKS = len(LANDMARKS)
+#: Class ids of the landmarks swapped by a left-right flip.
+LEFT_RIGHT_PAIRS: tuple[tuple[int, int], ...] = ((0, 2),)  # indices into LANDMARKS
+
+PAPER_SPACING_MM = 1.3
+#: Ground-truth box edge per landmark (cube centred on the landmark): 14³ voxels for the eyes and
+#: 24³ voxels for the others at 1.3 mm (the extracted text's "143"/"243").
+GT_BOX_MM: tuple[float, ...] = tuple(
+    round(n * PAPER_SPACING_MM, 4) for n in (14, 24, 14, 24, 24)
+)
+#: The paper's four anchor base sizes {13, 16, 20, 28} voxels at 1.3 mm, in mm.
+ANCHOR_SIZES_MM: tuple[float, ...] = tuple(round(n * PAPER_SPACING_MM, 4) for n in (13, 16, 20, 28))
+
+METHODS: tuple[str, ...] = ("rpn", "ssd", "faster_rcnn", "heatmap")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every size and count of one run; a run is named by its profile alone."""
+
+    name: str
+    spacing_mm: float  # isotropic spacing the volumes are resampled to
+    width: int  # backbone base width (channels of block 1; doubled per block)
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.1  # of the training split, held out for validation
+    anchor_sizes_mm: tuple[float, ...] = ANCHOR_SIZES_MM
+    gt_box_mm: tuple[float, ...] = GT_BOX_MM
+    samples_per_volume: int = 256  # anchors sampled per volume for the classification loss
+    positive_fraction: float = 0.5
+    pos_iou: float = 0.5
+    neg_iou: float = 0.25
+    eta: float = 1.75  # IoU-balance exponent
+    nms_iou: float = 0.25  # DESIGN §6 decision: the two candidates are distinct places
+    top_k: int = 2  # candidates per landmark kept for the graph prior (2⁵ = 32 combinations)
+    heatmap_sigma_mm: float = 4.0  # Gaussian σ of the heatmap baseline's targets
+    rotation_deg: float = 25.0  # augmentation: uniform in [−r, r] about each axis
+    flip_prob: float = 0.5
+    # Synthetic data set generated when missing (phantom grid and spacing, number of volumes).
+    phantom_n: int = 152
+    phantom_n_test: int = 32
+    phantom_grid: int = 128
+    phantom_spacing_mm: float = PAPER_SPACING_MM
+    data_dir: str = "data/phantom"
+    extra: dict = field(default_factory=dict)
+
+    def mm_to_vox(self, mm):
+        """Convert a length (or tuple of lengths) in mm to voxels at this profile's spacing."""
+        if isinstance(mm, (tuple, list)):
+            return tuple(m / self.spacing_mm for m in mm)
+        return mm / self.spacing_mm
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON- and ``weights_only``-safe) describing the profile."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Profile":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown profile fields: {sorted(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+
+PROFILES: dict[str, Profile] = {
+    # CI and tests: every notebook and method end to end in minutes; numbers meaningless.
+    "smoke": Profile(
+        name="smoke", spacing_mm=5.2, width=4, epochs=2, batch_size=2, lr=2e-3,
+        samples_per_volume=64, phantom_n=12, phantom_n_test=4, phantom_grid=64,
+        phantom_spacing_mm=2.6, data_dir="build/smoke/data", val_fraction=0.25,
+    ),
+    # make reproduce: all of Table 1 and 2 on a 2-core CPU, half the paper's resolution.
+    "cpu": Profile(
+        name="cpu", spacing_mm=2.6, width=16, epochs=12, batch_size=2, lr=2e-3,
+    ),
+    # The paper's sizes exactly (GPU).
+    "paper": Profile(
+        name="paper", spacing_mm=1.3, width=32, epochs=100, batch_size=2, lr=1e-3,
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """Return the named profile; ``ValueError`` naming the known ones otherwise."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}") from None
