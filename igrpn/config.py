@@ -104,3 +104,14 @@ def get_profile(name: str) -> Profile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}") from None
+
+#: The trainings of Table 1 and 2: run name -> (method, IoU-balanced loss). Table 2 needs two
+#: trainings per detector (the IoU balance changes training, the prior only inference).
+RUN_CONFIGS: dict[str, tuple[str, bool]] = {
+    "rpn_ib": ("rpn", True),
+    "rpn_noib": ("rpn", False),
+    "ssd_ib": ("ssd", True),
+    "ssd_noib": ("ssd", False),
+    "faster_rcnn": ("faster_rcnn", False),
+    "heatmap": ("heatmap", False),
+}

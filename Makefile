@@ -1,0 +1,32 @@
+# The README's two commands: `make reproduce` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PROFILE ?= cpu
+# smoke runs never write over the committed report/ (DESIGN §8)
+ifeq ($(PROFILE),cpu)
+OUT ?= report
+else
+OUT ?= build/$(PROFILE)/report
+endif
+STAMP  := $(VENV)/.igrpn-installed
+
+.PHONY: install reproduce test clean-build
+
+install: $(STAMP)
+
+# torch is pinned: the CPU build 2.13.0 (an unpinned torch pulls a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]" "torch==2.13.0"
+	touch $(STAMP)
+
+reproduce: $(STAMP)
+	$(PY) -m igrpn.reproduce --profile $(PROFILE) --out $(OUT) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-build:
+	rm -rf build

@@ -1,0 +1,362 @@
+"""3D box utilities: conversions, IoU, the box coding of Eq. (1), anchors, matching, sampling, NMS.
+
+All functions work on torch tensors, are vectorised, and use voxel units of the resampled grid
+(voxel centres at integer indices, axes (x, y, z)). Two box forms are used:
+
+* **centre form** ``(x, y, z, w, h, d)``: centre and edge lengths, as in the paper's Eq. (1);
+* **corner form** ``(x0, y0, z0, x1, y1, z1)``: low and high corners, used for IoU.
+
+A box's volume is ``w·h·d`` (continuous coordinates, no "+1" pixel convention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: Upper bound on the size deltas before ``exp`` (as in torchvision's detection code): a size
+#: can grow at most 1000/16 ≈ 62× per decode, which keeps ``exp`` finite on untrained outputs.
+DEFAULT_SIZE_CLAMP = math.log(1000.0 / 16)
+
+#: Pair elements (rows × columns) processed at once by :func:`box_iou` when no chunk size is given.
+_IOU_PAIRS_PER_CHUNK = 1 << 22
+
+
+def _check_boxes(boxes: Tensor, name: str, func: str, ndim: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``boxes`` is a tensor of shape (..., 6) (or exactly ``ndim``-D)."""
+    if not isinstance(boxes, Tensor):
+        raise ValueError(f"{func}: {name} must be a torch.Tensor, got {type(boxes).__name__}")
+    if boxes.ndim == 0 or boxes.shape[-1] != 6 or (ndim is not None and boxes.ndim != ndim):
+        want = "(N, 6)" if ndim == 2 else "(..., 6)"
+        raise ValueError(f"{func}: {name} must have shape {want}, got {tuple(boxes.shape)}")
+
+
+def _check_corner_sizes(boxes: Tensor, name: str, func: str) -> None:
+    """Raise ``ValueError`` if a corner-form box has a high corner below its low corner."""
+    negative = (boxes[..., 3:] < boxes[..., :3]).any(-1)
+    if bool(negative.any()):
+        first = int(torch.nonzero(negative.reshape(-1))[0])
+        raise ValueError(
+            f"{func}: {name} has {int(negative.sum())} box(es) with negative size "
+            f"(x1 < x0, y1 < y0 or z1 < z0); first at index {first}: "
+            f"{boxes.reshape(-1, 6)[first].tolist()}"
+        )
+
+
+def centre_to_corner(boxes: Tensor) -> Tensor:
+    """Centre form (..., 6) ``(x, y, z, w, h, d)`` -> corner form (..., 6) ``(x0, y0, z0, x1, y1, z1)``."""
+    _check_boxes(boxes, "boxes", "centre_to_corner")
+    centre, size = boxes[..., :3], boxes[..., 3:]
+    return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
+
+
+def corner_to_centre(boxes: Tensor) -> Tensor:
+    """Corner form (..., 6) ``(x0, y0, z0, x1, y1, z1)`` -> centre form (..., 6) ``(x, y, z, w, h, d)``."""
+    _check_boxes(boxes, "boxes", "corner_to_centre")
+    low, high = boxes[..., :3], boxes[..., 3:]
+    return torch.cat([(low + high) / 2, high - low], dim=-1)
+
+
+def box_volume(boxes: Tensor) -> Tensor:
+    """Volume (voxels³) of corner-form boxes (..., 6) -> (...)."""
+    return (boxes[..., 3:] - boxes[..., :3]).prod(-1)
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Intersection over union of every pair of corner-form boxes.
+
+    Args:
+        boxes1: (N, 6) corner form, voxels.
+        boxes2: (M, 6) corner form, voxels.
+        chunk_size: rows of ``boxes1`` processed at once, so that millions of anchors against a few
+            GT boxes (or a few thousand boxes against each other) stay in memory; ``None`` picks
+            it so that one chunk holds about 4 M pairs.
+
+    Returns:
+        (N, M) IoU in [0, 1]; 0 where the union is empty.
+    """
+    _check_boxes(boxes1, "boxes1", "box_iou", ndim=2)
+    _check_boxes(boxes2, "boxes2", "box_iou", ndim=2)
+    _check_corner_sizes(boxes1, "boxes1", "box_iou")
+    _check_corner_sizes(boxes2, "boxes2", "box_iou")
+    n, m = boxes1.shape[0], boxes2.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, _IOU_PAIRS_PER_CHUNK // max(m, 1))
+    if chunk_size < 1:
+        raise ValueError(f"box_iou: chunk_size must be >= 1, got {chunk_size}")
+    dtype = torch.promote_types(torch.promote_types(boxes1.dtype, boxes2.dtype), torch.float32)
+    boxes1, boxes2 = boxes1.to(dtype), boxes2.to(dtype)
+    volume2 = box_volume(boxes2)
+    iou = torch.empty((n, m), dtype=dtype, device=boxes1.device)
+    for start in range(0, n, chunk_size):
+        part = boxes1[start:start + chunk_size]
+        # Overlap box of each pair: max of the low corners, min of the high corners.
+        low = torch.maximum(part[:, None, :3], boxes2[None, :, :3])
+        high = torch.minimum(part[:, None, 3:], boxes2[None, :, 3:])
+        inter = (high - low).clamp_min(0).prod(-1)
+        union = box_volume(part)[:, None] + volume2[None, :] - inter
+        # An empty union only happens for two zero-volume boxes: call their IoU 0, not NaN.
+        iou[start:start + chunk_size] = inter / union.clamp_min(torch.finfo(dtype).tiny)
+    return iou
+
+
+def paired_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of aligned pairs of corner-form boxes: (N, 6) and (N, 6) -> (N,) (``box_iou``'s diagonal)."""
+    _check_boxes(boxes1, "boxes1", "paired_box_iou", ndim=2)
+    _check_boxes(boxes2, "boxes2", "paired_box_iou", ndim=2)
+    if boxes1.shape != boxes2.shape:
+        raise ValueError(
+            f"paired_box_iou: boxes1 {tuple(boxes1.shape)} and boxes2 {tuple(boxes2.shape)} differ"
+        )
+    low = torch.maximum(boxes1[:, :3], boxes2[:, :3])
+    high = torch.minimum(boxes1[:, 3:], boxes2[:, 3:])
+    inter = (high - low).clamp_min(0).prod(-1)
+    # Volumes from clamped sizes, so a degenerate decoded box counts as empty rather than negative.
+    volume1 = (boxes1[:, 3:] - boxes1[:, :3]).clamp_min(0).prod(-1)
+    volume2 = (boxes2[:, 3:] - boxes2[:, :3]).clamp_min(0).prod(-1)
+    union = volume1 + volume2 - inter
+    return inter / union.clamp_min(torch.finfo(inter.dtype).tiny)
+
+
+def encode(boxes: Tensor, anchors: Tensor) -> Tensor:
+    """Deltas that turn ``anchors`` into ``boxes``, the inverse of Eq. (1) (no weights).
+
+    ``tx = (x - xa) / wa``, ``tw = log(w / wa)`` and likewise for (y, h) and (z, d).
+
+    Args:
+        boxes: (N, 6) centre form, voxels, positive sizes.
+        anchors: (N, 6) centre form, voxels, positive sizes.
+
+    Returns:
+        (N, 6) deltas ``(tx, ty, tz, tw, th, td)``, dimensionless.
+    """
+    _check_boxes(boxes, "boxes", "encode")
+    _check_boxes(anchors, "anchors", "encode")
+    if boxes.shape != anchors.shape:
+        raise ValueError(f"encode: boxes {tuple(boxes.shape)} and anchors {tuple(anchors.shape)} differ")
+    anchor_size = anchors[..., 3:]
+    offset = (boxes[..., :3] - anchors[..., :3]) / anchor_size
+    log_scale = torch.log(boxes[..., 3:] / anchor_size)
+    return torch.cat([offset, log_scale], dim=-1)
+
+
+def decode(deltas: Tensor, anchors: Tensor, clamp: float = DEFAULT_SIZE_CLAMP) -> Tensor:
+    """Apply deltas to anchors, Eq. (1): ``x = xa + tx·wa``, ``w = wa·exp(tw)`` (likewise y/h, z/d).
+
+    Args:
+        deltas: (..., 6) ``(tx, ty, tz, tw, th, td)``.
+        anchors: (..., 6) centre form, voxels (broadcast against ``deltas``).
+        clamp: the size deltas are clamped to [-clamp, clamp] before ``exp`` so that untrained
+            outputs cannot overflow.
+
+    Returns:
+        (..., 6) centre-form boxes, voxels.
+    """
+    _check_boxes(deltas, "deltas", "decode")
+    _check_boxes(anchors, "anchors", "decode")
+    anchor_size = anchors[..., 3:]
+    centre = anchors[..., :3] + deltas[..., :3] * anchor_size
+    size = anchor_size * torch.exp(deltas[..., 3:].clamp(-clamp, clamp))
+    return torch.cat([centre, size], dim=-1)
+
+
+def make_anchors(grid_shape, stride: int, sizes_vox) -> Tensor:
+    """Anchors of a feature grid, centre form, voxels.
+
+    Every cell carries ``A = len(sizes_vox)**3`` anchors: every (w, h, d) combination of the base
+    sizes. The cell ``(i, j, k)`` covers voxels ``[stride·i, stride·i + stride − 1]`` (likewise j, k)
+    of the input, so its centre is ``stride·index + (stride − 1) / 2``.
+
+    Ordering is cell-major, anchor-minor: row ``cell·A + a`` with ``cell = (i·Y + j)·Z + k`` (C
+    order over the grid) and ``a = (iw·S + ih)·S + id`` indexing (w, h, d) = (sizes[iw], sizes[ih],
+    sizes[id]). A head output of shape (N, A·C, X, Y, Z), with channel ``a·C + c``, matches it after
+    ``view(N, A, C, X, Y, Z).permute(0, 3, 4, 5, 1, 2).reshape(N, X·Y·Z·A, C)``.
+
+    Args:
+        grid_shape: (X, Y, Z) cells of the feature map.
+        stride: input voxels per cell along each axis.
+        sizes_vox: S base sizes, voxels.
+
+    Returns:
+        (X·Y·Z·A, 6) float32.
+    """
+    grid_shape = tuple(int(g) for g in grid_shape)
+    if len(grid_shape) != 3 or min(grid_shape) < 1:
+        raise ValueError(f"make_anchors: grid_shape must be 3 positive ints, got {grid_shape}")
+    if stride < 1:
+        raise ValueError(f"make_anchors: stride must be >= 1, got {stride}")
+    sizes = torch.as_tensor(sizes_vox, dtype=torch.float32).reshape(-1)
+    if sizes.numel() == 0 or bool((sizes <= 0).any()):
+        raise ValueError(f"make_anchors: sizes_vox must be non-empty and positive, got {sizes_vox}")
+    axes = [torch.arange(n, dtype=torch.float32) * stride + (stride - 1) / 2 for n in grid_shape]
+    centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 1, 3)
+    shapes = torch.stack(torch.meshgrid(sizes, sizes, sizes, indexing="ij"), dim=-1).reshape(1, -1, 3)
+    num_cells, num_shapes = centres.shape[0], shapes.shape[1]
+    anchors = torch.cat(
+        [centres.expand(num_cells, num_shapes, 3), shapes.expand(num_cells, num_shapes, 3)], dim=-1
+    )
+    return anchors.reshape(-1, 6)
+
+
+def landmark_boxes(landmarks_vox: Tensor, box_vox) -> Tensor:
+    """Ground-truth cubes centred on the landmarks.
+
+    Args:
+        landmarks_vox: (..., L, 3) landmark positions, voxels (L = 5).
+        box_vox: (L,) edge length of each landmark's cube, voxels.
+
+    Returns:
+        (..., L, 6) centre-form boxes, voxels, in ``landmarks_vox``'s dtype and device.
+    """
+    landmarks_vox = torch.as_tensor(landmarks_vox)
+    if not landmarks_vox.is_floating_point():
+        landmarks_vox = landmarks_vox.float()
+    box = torch.as_tensor(box_vox, dtype=landmarks_vox.dtype, device=landmarks_vox.device).reshape(-1)
+    if landmarks_vox.ndim < 2 or landmarks_vox.shape[-1] != 3 or landmarks_vox.shape[-2] != box.numel():
+        raise ValueError(
+            f"landmark_boxes: landmarks_vox must have shape (..., {box.numel()}, 3) to match "
+            f"box_vox of length {box.numel()}, got {tuple(landmarks_vox.shape)}"
+        )
+    sizes = box[:, None].expand(*landmarks_vox.shape)
+    return torch.cat([landmarks_vox, sizes], dim=-1)
+
+
+def match_anchors(
+    anchors_corner: Tensor,
+    gt_corner: Tensor,
+    gt_labels: Tensor,
+    pos_iou: float = 0.5,
+    neg_iou: float = 0.25,
+) -> tuple[Tensor, Tensor]:
+    """Label anchors against ground-truth boxes (paper §3).
+
+    * positive (the GT's class) if its IoU with a GT is above ``pos_iou``, or if it is one of the
+      anchors (ties included) with the highest IoU for a GT (that IoU being > 0); such a
+      best-anchor positive takes the GT it is best for, so every GT keeps at least one positive;
+    * negative (0) if its IoU with every GT is below ``neg_iou``;
+    * ignored (−1) otherwise.
+
+    Args:
+        anchors_corner: (A, 6) corner form, voxels.
+        gt_corner: (G, 6) corner form, voxels.
+        gt_labels: (G,) class ids (> 0).
+        pos_iou, neg_iou: thresholds, ``neg_iou <= pos_iou``.
+
+    Returns:
+        labels: (A,) int64, −1 ignored, 0 background, c > 0 the matched GT's class.
+        matched_gt: (A,) int64 index into the G boxes (the highest-IoU GT, or the GT a best anchor
+        belongs to); meaningful only where ``labels > 0``.
+    """
+    _check_boxes(anchors_corner, "anchors_corner", "match_anchors", ndim=2)
+    _check_boxes(gt_corner, "gt_corner", "match_anchors", ndim=2)
+    if neg_iou > pos_iou:
+        raise ValueError(f"match_anchors: neg_iou ({neg_iou}) must not exceed pos_iou ({pos_iou})")
+    gt_labels = torch.as_tensor(gt_labels, dtype=torch.int64, device=anchors_corner.device).reshape(-1)
+    if gt_labels.numel() != gt_corner.shape[0]:
+        raise ValueError(
+            f"match_anchors: {gt_corner.shape[0]} GT boxes but {gt_labels.numel()} labels"
+        )
+    num_anchors = anchors_corner.shape[0]
+    if gt_corner.shape[0] == 0:
+        zeros = torch.zeros(num_anchors, dtype=torch.int64, device=anchors_corner.device)
+        return zeros, zeros.clone()
+    iou = box_iou(anchors_corner, gt_corner)  # (A, G)
+    max_iou, matched_gt = iou.max(dim=1)
+    labels = torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors_corner.device)
+    labels[max_iou < neg_iou] = 0
+    above = max_iou > pos_iou
+    labels[above] = gt_labels[matched_gt[above]]
+    # Best-anchor rule: anchors whose IoU equals their GT's maximum (ties kept); a GT that overlaps
+    # no anchor at all (maximum 0) forces nothing.
+    best_per_gt = iou.max(dim=0).values  # (G,)
+    is_best = (iou == best_per_gt[None, :]) & (best_per_gt[None, :] > 0)  # (A, G)
+    forced = is_best.any(dim=1)
+    if bool(forced.any()):
+        # Among the GTs an anchor is best for, take the one it overlaps most.
+        forced_gt = torch.where(is_best[forced], iou[forced], -1.0).argmax(dim=1)
+        matched_gt[forced] = forced_gt
+        labels[forced] = gt_labels[forced_gt]
+    return labels, matched_gt
+
+
+def sample_balanced(
+    labels: Tensor, num: int, positive_fraction: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Random subset of labelled anchors with a capped share of positives.
+
+    At most ``int(num · positive_fraction)`` positives (``labels > 0``) are drawn, negatives
+    (``labels == 0``) fill the rest up to ``num``; ignored anchors (−1) are never drawn. Draws are
+    without replacement; fewer than ``num`` come back when there are not enough anchors.
+
+    Args:
+        labels: (A,) int64 from :func:`match_anchors`.
+        num: anchors wanted.
+        positive_fraction: the largest share of positives, in [0, 1].
+        generator: torch.Generator (CPU) for reproducible draws.
+
+    Returns:
+        (n,) int64 indices into ``labels``, positives first, n <= num.
+    """
+    if labels.ndim != 1:
+        raise ValueError(f"sample_balanced: labels must be 1-D, got shape {tuple(labels.shape)}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError(f"sample_balanced: positive_fraction must be in [0, 1], got {positive_fraction}")
+    if num < 0:
+        raise ValueError(f"sample_balanced: num must be >= 0, got {num}")
+    positives = torch.nonzero(labels > 0).reshape(-1)
+    negatives = torch.nonzero(labels == 0).reshape(-1)
+    num_pos = min(int(num * positive_fraction), positives.numel())
+    num_neg = min(num - num_pos, negatives.numel())
+
+    def draw(candidates: Tensor, count: int) -> Tensor:
+        # randperm on the generator's device (CPU), then index on the labels' device.
+        order = torch.randperm(candidates.numel(), generator=generator)[:count]
+        return candidates[order.to(candidates.device)]
+
+    return torch.cat([draw(positives, num_pos), draw(negatives, num_neg)])
+
+
+def nms(
+    boxes_corner: Tensor, scores: Tensor, iou_threshold: float, max_output: int | None = None
+) -> Tensor:
+    """Greedy non-maximum suppression in 3D.
+
+    A box is dropped when its IoU with a higher-scored kept box exceeds ``iou_threshold``. The IoU
+    matrix of all N boxes is computed once, so N should be at most a few thousand (pre-filter by
+    score first).
+
+    Args:
+        boxes_corner: (N, 6) corner form, voxels.
+        scores: (N,).
+        iou_threshold: suppression threshold.
+        max_output: stop once this many boxes are kept (``None``: no limit).
+
+    Returns:
+        (n,) int64 indices of the kept boxes, by decreasing score.
+    """
+    _check_boxes(boxes_corner, "boxes_corner", "nms", ndim=2)
+    if scores.ndim != 1 or scores.shape[0] != boxes_corner.shape[0]:
+        raise ValueError(
+            f"nms: scores must have shape ({boxes_corner.shape[0]},), got {tuple(scores.shape)}"
+        )
+    n = boxes_corner.shape[0]
+    if n == 0 or max_output == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes_corner.device)
+    order = torch.argsort(scores, descending=True, stable=True)
+    iou = box_iou(boxes_corner[order], boxes_corner[order])
+    # suppresses[i, j]: box i (higher score) would remove box j (lower score).
+    suppresses = torch.triu(iou > iou_threshold, diagonal=1).cpu().numpy()
+    removed = np.zeros(n, dtype=bool)
+    keep: list[int] = []
+    # Greedy pass: the loop visits boxes, but only kept boxes do (vectorised) work.
+    for i in range(n):
+        if removed[i]:
+            continue
+        keep.append(i)
+        if max_output is not None and len(keep) >= max_output:
+            break
+        removed |= suppresses[i]
+    return order[torch.as_tensor(keep, dtype=torch.int64, device=order.device)]

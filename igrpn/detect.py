@@ -1,0 +1,178 @@
+"""Inference: a trained model (and optionally the graph prior) applied to a volume.
+
+``Detector.from_checkpoint(path).predict(volume, affine)`` returns one row per candidate box:
+the model's top-k boxes per landmark after per-class NMS (paper §2.3: k = 2), with the answer for
+each landmark marked ``selected`` — the highest-scoring candidate without the prior, the
+candidate of the lowest-penalty combination with it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from igrpn.config import LANDMARKS, Profile
+
+PREDICTION_COLUMNS = ("landmark", "class_id", "rank", "selected", "score", "x", "y", "z",
+                      "i", "j", "k", "w", "h", "d")
+
+
+class Detector:
+    """A trained landmark model with its profile, and optionally a fitted :class:`GraphPrior`.
+
+    Args:
+        model: a ``LandmarkModel`` (put in eval mode here).
+        profile: the profile it was trained with (spacing, box sizes, NMS, top-k).
+        prior: a fitted ``GraphPrior``, a path to its JSON, or ``None`` (top-1 per landmark).
+        prior_lambda: weight of the candidates' log-scores beside the prior's penalty (beyond the
+            paper; 0 is the paper's method).
+    """
+
+    def __init__(self, model, profile: Profile, prior=None, prior_lambda: float = 0.0):
+        from igrpn.prior import GraphPrior
+
+        self.model = model.eval()
+        self.profile = profile
+        self.prior = GraphPrior.load(prior) if isinstance(prior, (str, Path)) else prior
+        self.prior_lambda = prior_lambda
+        self.last_timing: dict[str, float] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, prior=None, prior_lambda: float = 0.0) -> "Detector":
+        """Build the model a checkpoint describes and load its weights (``weights_only=True``)."""
+        from igrpn.model import build_model
+        from igrpn.train import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        profile = Profile.from_dict(ckpt["config"]["profile"])
+        model = build_model(ckpt["method"], profile, iou_balance=ckpt["iou_balance"])
+        model.load_state_dict(ckpt["model"])
+        detector = cls(model, profile, prior=prior, prior_lambda=prior_lambda)
+        detector.method = ckpt["method"]
+        detector.iou_balance = ckpt["iou_balance"]
+        return detector
+
+    @torch.no_grad()
+    def predict_grid(self, volume: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
+        """Predict on a volume already on the profile's isotropic grid and normalised (a ``Case``).
+
+        Args:
+            volume: (X, Y, Z) float32, normalised as ``igrpn.data.load_case`` does.
+            affine: (4, 4) voxel → world mm of that grid.
+
+        Returns:
+            One row per candidate (columns ``PREDICTION_COLUMNS``; ``i, j, k`` on this grid).
+        """
+        from igrpn.model import pad_to_multiple
+
+        start = time.perf_counter()
+        tensor = pad_to_multiple(torch.as_tensor(volume, dtype=torch.float32)[None, None], 8)
+        outputs = self.model(tensor)
+        model_ms = (time.perf_counter() - start) * 1e3
+
+        start = time.perf_counter()
+        per_landmark = self.model.candidates(outputs, top_k=self.profile.top_k)[0]
+        rows = self._candidate_rows(per_landmark, np.asarray(affine, dtype=np.float64))
+        rows = select_answers(rows, self.prior, self.prior_lambda)
+        post_ms = (time.perf_counter() - start) * 1e3
+        self.last_timing = {"model_ms": model_ms, "postprocess_ms": post_ms, "total_ms": model_ms + post_ms}
+        return rows
+
+    def predict(self, volume: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
+        """Predict the five landmarks of a volume of any size, spacing and orientation.
+
+        Args:
+            volume: (X, Y, Z) intensities (any dtype).
+            affine: (4, 4) voxel → world mm (the NIfTI affine).
+
+        Returns:
+            One row per candidate: world mm ``x, y, z``, voxel ``i, j, k`` of the GIVEN volume,
+            box size ``w, h, d`` in mm, ``score``, ``rank`` and ``selected``.
+        """
+        from igrpn.data import prepare_volume
+
+        grid_volume, grid_affine = prepare_volume(np.asarray(volume), np.asarray(affine, dtype=np.float64),
+                                                  self.profile.spacing_mm)
+        rows = self.predict_grid(grid_volume, grid_affine)
+        # Re-express the centres in the voxel grid of the volume the caller gave.
+        world = rows[["x", "y", "z"]].to_numpy()
+        homogeneous = np.c_[world, np.ones(len(world))]
+        rows[["i", "j", "k"]] = (np.linalg.inv(affine) @ homogeneous.T).T[:, :3]
+        return rows
+
+    def _candidate_rows(self, per_landmark, affine: np.ndarray) -> pd.DataFrame:
+        records = []
+        for class_index, (boxes, scores) in enumerate(per_landmark):
+            boxes, scores = boxes.double().numpy(), scores.double().numpy()
+            centres_mm = (affine @ np.c_[boxes[:, :3], np.ones(len(boxes))].T).T[:, :3]
+            for rank in range(len(boxes)):
+                records.append({
+                    "landmark": LANDMARKS[class_index], "class_id": class_index + 1, "rank": rank,
+                    "selected": False, "score": float(scores[rank]),
+                    "x": centres_mm[rank, 0], "y": centres_mm[rank, 1], "z": centres_mm[rank, 2],
+                    "i": boxes[rank, 0], "j": boxes[rank, 1], "k": boxes[rank, 2],
+                    # isotropic grid: a size in voxels times the spacing is a size in mm
+                    "w": boxes[rank, 3] * self.profile.spacing_mm,
+                    "h": boxes[rank, 4] * self.profile.spacing_mm,
+                    "d": boxes[rank, 5] * self.profile.spacing_mm,
+                })
+        return pd.DataFrame.from_records(records, columns=list(PREDICTION_COLUMNS))
+
+
+def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0) -> pd.DataFrame:
+    """Return a copy of one volume's candidate rows with one ``selected`` row per landmark.
+
+    Without a prior the highest-scoring candidate (rank 0) of each landmark is the answer; with a
+    fitted ``GraphPrior`` it is the candidate of the combination with the lowest penalty (Eq. 4)
+    over the k⁵ combinations. A landmark without candidates keeps none.
+    """
+    rows = rows.copy()
+    rows["selected"] = False
+    if rows.empty:
+        return rows
+    groups = [rows.index[rows["landmark"] == name] for name in LANDMARKS]
+    groups = [g[np.argsort(rows.loc[g, "rank"].to_numpy())] for g in groups]
+    choice = [0] * len(LANDMARKS)
+    if prior is not None and all(len(g) > 0 for g in groups):
+        centres = [rows.loc[g, ["x", "y", "z"]].to_numpy(dtype=np.float64) for g in groups]
+        scores = [rows.loc[g, "score"].to_numpy(dtype=np.float64) for g in groups]
+        choice = [int(c) for c in prior.select(centres, scores=scores, lam=prior_lambda)]
+    for group, index in zip(groups, choice):
+        if len(group):
+            rows.loc[group[index], "selected"] = True
+    return rows
+
+
+def predict_cases(detector: Detector, cases, prior=None, progress: bool = True):
+    """Run ``detector`` (without its own prior) over ``cases`` once, answering with and without
+    ``prior``.
+
+    Returns:
+        (rows without prior, rows with prior or ``None``, timing DataFrame): the rows carry a
+        ``case_id`` column and every candidate; timing has per-case ``model_ms``,
+        ``postprocess_ms`` (decode, softmax, NMS, top-k) and ``prior_ms``.
+    """
+    from tqdm.auto import tqdm
+
+    saved_prior, detector.prior = detector.prior, None
+    plain, with_prior, timing = [], [], []
+    try:
+        for case in tqdm(cases, desc="predict", disable=not progress, leave=False):
+            rows = detector.predict_grid(case.volume, case.affine)
+            rows.insert(0, "case_id", case.case_id)
+            plain.append(rows)
+            times = dict(detector.last_timing, case_id=case.case_id, prior_ms=float("nan"))
+            if prior is not None:
+                start = time.perf_counter()
+                with_prior.append(select_answers(rows, prior, detector.prior_lambda))
+                times["prior_ms"] = (time.perf_counter() - start) * 1e3
+            timing.append(times)
+    finally:
+        detector.prior = saved_prior
+    plain_rows = pd.concat(plain, ignore_index=True)
+    prior_rows = pd.concat(with_prior, ignore_index=True) if prior is not None else None
+    return plain_rows, prior_rows, pd.DataFrame(timing)

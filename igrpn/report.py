@@ -1,0 +1,287 @@
+"""Evaluation of every trained configuration on the test split, Table 1 and Table 2 beside the
+paper's, and the Markdown they go into.
+
+Percentages are printed as the paper prints them (AP, hit rates and mIoU × 100); distances in mm;
+times in ms per volume on the machine that ran the evaluation.
+"""
+
+from __future__ import annotations
+
+import io
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from igrpn.config import GT_BOX_MM, LANDMARKS, RUN_CONFIGS, Profile
+
+#: Metrics of the tables, in the paper's order, then ours beyond the paper.
+PAPER_METRICS = ("ap", "ap35", "ap50", "ap75", "miou", "d_mean", "time_ms")
+EXTRA_METRICS = ("hit35", "hit50", "hit75")
+PERCENT_METRICS = ("ap", "ap35", "ap50", "ap75", "miou", "hit35", "hit50", "hit75")
+CI_METRICS = ("d_mean", "ap", "ap50", "hit50", "miou")
+
+#: (row label, run name, prior) of Table 1; the paper's detector column names the paper's row.
+TABLE1_ROWS = (
+    ("Faster R-CNN", "faster_rcnn", False),
+    ("IG-SSD", "ssd_ib", True),
+    ("Heatmap", "heatmap", False),
+    ("IG-RPN", "rpn_ib", True),
+)
+#: Table 2: each detector with and without the IoU-balanced loss and the prior.
+TABLE2_ROWS = tuple(
+    (label, f"{detector}_{'ib' if balance else 'noib'}", prior)
+    for label, detector in (("SSD", "ssd"), ("RPN", "rpn"))
+    for balance, prior in ((False, False), (True, False), (False, True), (True, True))
+)
+#: The paper's claims tested with paired bootstraps: (claim, (run, prior) before, (run, prior) after).
+CLAIMS = (
+    ("RPN: the prior helps", ("rpn_ib", False), ("rpn_ib", True)),
+    ("RPN: the IoU balance helps", ("rpn_noib", False), ("rpn_ib", False)),
+    ("RPN: both together help most", ("rpn_noib", False), ("rpn_ib", True)),
+    ("SSD: the prior helps", ("ssd_ib", False), ("ssd_ib", True)),
+    ("SSD: the IoU balance helps", ("ssd_noib", False), ("ssd_ib", False)),
+    ("SSD: both together help most", ("ssd_noib", False), ("ssd_ib", True)),
+    ("IG-RPN beats Faster R-CNN", ("faster_rcnn", False), ("rpn_ib", True)),
+    ("IG-RPN beats IG-SSD", ("ssd_ib", True), ("rpn_ib", True)),
+    ("IG-RPN beats heatmap regression", ("heatmap", False), ("rpn_ib", True)),
+)
+
+
+def paper_tables() -> pd.DataFrame:
+    """The paper's Table 1 and 2, typed in once as data (``igrpn/resources/paper_tables.csv``)."""
+    text = resources.files("igrpn").joinpath("resources/paper_tables.csv").read_text()
+    table = pd.read_csv(io.StringIO(text))
+    table = table.rename(columns={"d_mean_mm": "d_mean"})
+    return table
+
+
+def ground_truth(cases) -> pd.DataFrame:
+    """GT rows ``case_id, landmark, x, y, z, w, h, d`` (world mm; cubes of ``GT_BOX_MM``)."""
+    records = []
+    for case in cases:
+        for index, name in enumerate(LANDMARKS):
+            x, y, z = (float(v) for v in case.landmarks_mm[index])
+            size = GT_BOX_MM[index]
+            records.append({"case_id": case.case_id, "landmark": name, "x": x, "y": y, "z": z,
+                            "w": size, "h": size, "d": size})
+    return pd.DataFrame.from_records(records)
+
+
+def answers(rows: pd.DataFrame) -> pd.DataFrame:
+    """The selected row of each (case, landmark): the detections that the tables score."""
+    return rows[rows["selected"].astype(bool)].reset_index(drop=True)
+
+
+def evaluate_runs(
+    profile: Profile,
+    manifest: str | Path,
+    report_dir: str | Path,
+    prior_path: str | Path | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Predict the test split with every trained configuration, with and without the prior.
+
+    Reads ``report_dir/runs/<run>/checkpoint.pt`` for each run of ``RUN_CONFIGS`` that exists and
+    writes ``report_dir/predictions/<run>_{noprior,prior}.csv`` (every candidate, world mm and
+    voxels) and ``report_dir/predictions/<run>_timing.csv``.
+
+    Returns:
+        ``{"results": DataFrame (one row per run and prior setting, metrics as fractions, CIs),
+        "predictions": {(run, prior): selected rows}, "gt": DataFrame, "missing": [runs]}``.
+    """
+    from igrpn import metrics
+    from igrpn.data import load_cases, read_manifest
+    from igrpn.detect import Detector, predict_cases
+    from igrpn.prior import GraphPrior
+
+    report_dir = Path(report_dir)
+    table = read_manifest(manifest)
+    cases = load_cases(table[table["split"] == "test"], profile.spacing_mm, progress=progress)
+    gt = ground_truth(cases)
+    prior = GraphPrior.load(prior_path) if prior_path is not None and Path(prior_path).exists() else None
+    out = report_dir / "predictions"
+    out.mkdir(parents=True, exist_ok=True)
+
+    records, predictions, missing = [], {}, []
+    for run, (method, iou_balance) in RUN_CONFIGS.items():
+        checkpoint = report_dir / "runs" / run / "checkpoint.pt"
+        if not checkpoint.exists():
+            missing.append(run)
+            continue
+        detector = Detector.from_checkpoint(checkpoint)
+        detector.predict_grid(cases[0].volume, cases[0].affine)  # warm-up: first call allocates
+        plain, with_prior, timing = predict_cases(detector, cases, prior=prior, progress=progress)
+        _write_csv(plain, out / f"{run}_noprior.csv")
+        _write_csv(timing, out / f"{run}_timing.csv")
+        settings = [(False, plain)]
+        if with_prior is not None:
+            _write_csv(with_prior, out / f"{run}_prior.csv")
+            settings.append((True, with_prior))
+        for use_prior, rows in settings:
+            chosen = answers(rows)
+            predictions[(run, use_prior)] = chosen
+            scores = metrics.evaluate(chosen, gt)
+            intervals = metrics.bootstrap_ci(chosen, gt, n_boot=n_boot, seed=seed)
+            time_ms = timing["model_ms"] + timing["postprocess_ms"]
+            if use_prior:
+                time_ms = time_ms + timing["prior_ms"]
+            record = {"run": run, "method": method, "iou_balance": iou_balance, "prior": use_prior,
+                      **{k: scores[k] for k in (*PAPER_METRICS[:-1], *EXTRA_METRICS)},
+                      "time_ms": float(np.median(time_ms)),
+                      "model_ms": float(np.median(timing["model_ms"])),
+                      "postprocess_ms": float(np.median(timing["postprocess_ms"]
+                                                        + (timing["prior_ms"] if use_prior else 0.0))),
+                      "n_cases": len(cases)}
+            for key in CI_METRICS:
+                if key in intervals:
+                    record[f"{key}_lo"], record[f"{key}_hi"] = intervals[key]
+            records.append(record)
+    return {"results": pd.DataFrame.from_records(records), "predictions": predictions, "gt": gt,
+            "missing": missing}
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def build_table(results: pd.DataFrame, rows, table_number: int) -> pd.DataFrame:
+    """One of the paper's tables from our results, the paper's numbers beside ours.
+
+    Columns: ``method, run, iou_balance, prior``, our metrics (percentages as the paper prints
+    them), their CI columns, and ``paper_<metric>``. A run that was not trained gets a row that
+    says so in ``status``.
+    """
+    paper = paper_tables()
+    paper = paper[paper["table"] == table_number]
+    out = []
+    for label, run, use_prior in rows:
+        method, iou_balance = RUN_CONFIGS[run]
+        row = {"method": label, "run": run, "iou_balance": iou_balance, "prior": use_prior}
+        ours = results[(results["run"] == run) & (results["prior"] == use_prior)] if len(results) else results
+        if len(ours):
+            ours = ours.iloc[0]
+            for key in (*PAPER_METRICS, *EXTRA_METRICS):
+                value = ours[key]
+                row[key] = 100.0 * value if key in PERCENT_METRICS else value
+            for key in CI_METRICS:
+                scale = 100.0 if key in PERCENT_METRICS else 1.0
+                for end in ("lo", "hi"):
+                    column = f"{key}_{end}"
+                    row[column] = scale * ours[column] if column in ours and pd.notna(ours[column]) else np.nan
+            row["status"] = "ok"
+        else:
+            row["status"] = "not trained"
+        if table_number == 1:
+            match = paper[paper["method"] == label]
+        else:
+            match = paper[(paper["detector"] == method)
+                          & (paper["iou_balance"].fillna(0).astype(int) == int(iou_balance))
+                          & (paper["prior"].fillna(0).astype(int) == int(use_prior))]
+        for key in PAPER_METRICS:
+            row[f"paper_{key}"] = float(match.iloc[0][key]) if len(match) and pd.notna(match.iloc[0][key]) else np.nan
+        out.append(row)
+    table = pd.DataFrame.from_records(out)
+    # Heatmap regression has no boxes: the paper prints "–" for its AP and IoU columns.
+    for key in ("ap", "ap35", "ap50", "ap75", "miou", "hit35", "hit50", "hit75", "ap_lo", "ap_hi",
+                "ap50_lo", "ap50_hi", "hit50_lo", "hit50_hi", "miou_lo", "miou_hi"):
+        if key in table:
+            table.loc[table["run"] == "heatmap", key] = np.nan
+    return table
+
+
+def claims_table(evaluation: dict, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Paired bootstraps over test volumes for each of the paper's claims (d-mean and hit50)."""
+    from igrpn import metrics
+
+    predictions, gt = evaluation["predictions"], evaluation["gt"]
+    records = []
+    for claim, before, after in CLAIMS:
+        if before not in predictions or after not in predictions:
+            records.append({"claim": claim, "status": "not trained"})
+            continue
+        record = {"claim": claim, "before": f"{before[0]}{' + prior' if before[1] else ''}",
+                  "after": f"{after[0]}{' + prior' if after[1] else ''}", "status": "ok"}
+        for metric in ("d_mean", "hit50", "ap50"):
+            if "heatmap" in (before[0], after[0]) and metric != "d_mean":
+                continue
+            test = metrics.paired_bootstrap(predictions[before], predictions[after], gt, metric=metric,
+                                            n_boot=n_boot, seed=seed)
+            scale = 1.0 if metric == "d_mean" else 100.0
+            record[f"{metric}_diff"] = scale * test["diff"]
+            record[f"{metric}_lo"] = scale * test["lo"]
+            record[f"{metric}_hi"] = scale * test["hi"]
+            record[f"{metric}_p"] = test["p_value"]
+        # A claim "holds" when the d-mean falls and its 95 % interval excludes zero.
+        diff, hi = record.get("d_mean_diff"), record.get("d_mean_hi")
+        record["verdict"] = ("holds" if hi is not None and hi < 0
+                             else "not shown" if diff is not None and diff <= 0 else "contradicted"
+                             if record.get("d_mean_lo", -1) > 0 else "not shown")
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def table_markdown(table: pd.DataFrame) -> str:
+    """The table as Markdown: each metric as "ours (paper)", 95 % CIs on d-mean and AP50."""
+    header = ["Method", "IoU bal.", "Prior", "AP", "AP35", "AP50", "AP75", "mIoU", "d-mean (mm)",
+              "time (ms)", "hit35", "hit50", "hit75"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [row["method"], "✓" if row["iou_balance"] else "", "✓" if row["prior"] else ""]
+        if row["status"] != "ok":
+            cells += [f"{row['status']} ({_fmt(row['paper_' + k], 0 if k == 'time_ms' else 2)})"
+                      for k in PAPER_METRICS]
+            cells += ["–"] * 3
+        else:
+            for key in PAPER_METRICS:
+                ours = _fmt(row[key], 0 if key == "time_ms" else 2)
+                if key in ("d_mean", "ap50") and pd.notna(row.get(f"{key}_lo", np.nan)):
+                    ours += f" [{_fmt(row[f'{key}_lo'])}, {_fmt(row[f'{key}_hi'])}]"
+                cells.append(f"{ours} ({_fmt(row['paper_' + key], 0 if key == 'time_ms' else 2)})")
+            cells += [_fmt(row[k]) for k in EXTRA_METRICS]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def claims_markdown(claims: pd.DataFrame) -> str:
+    header = ["Claim (paper)", "before → after", "Δ d-mean mm [95 % CI]", "Δ hit50 pts [95 % CI]",
+              "Δ AP50 pts [95 % CI]", "here"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in claims.iterrows():
+        if row.get("status") != "ok":
+            lines.append(f"| {row['claim']} | – | – | – | – | not trained |")
+            continue
+        cells = [row["claim"], f"{row['before']} → {row['after']}"]
+        for metric in ("d_mean", "hit50", "ap50"):
+            if pd.notna(row.get(f"{metric}_diff", np.nan)):
+                cells.append(f"{row[f'{metric}_diff']:+.2f} [{row[f'{metric}_lo']:+.2f}, {row[f'{metric}_hi']:+.2f}]")
+            else:
+                cells.append("–")
+        cells.append(row["verdict"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(evaluation: dict, tables_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Write ``table1``/``table2`` (csv + md), ``claims`` (csv + md) and ``results.csv``."""
+    tables_dir = Path(tables_dir)
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    results = evaluation["results"]
+    table1 = build_table(results, TABLE1_ROWS, 1)
+    table2 = build_table(results, TABLE2_ROWS, 2)
+    claims = claims_table(evaluation, n_boot=n_boot, seed=seed)
+    for name, frame in (("table1", table1), ("table2", table2), ("claims", claims), ("results", results)):
+        _write_csv(frame, tables_dir / f"{name}.csv")
+    (tables_dir / "table1.md").write_text(table_markdown(table1))
+    (tables_dir / "table2.md").write_text(table_markdown(table2))
+    (tables_dir / "claims.md").write_text(claims_markdown(claims))
+    return {"table1": table1, "table2": table2, "claims": claims}

@@ -1,0 +1,336 @@
+"""Train one model (IG-RPN or a baseline) on the training split of a manifest.
+
+    python -m igrpn.train --profile cpu --method rpn [--no-iou-balance] --seed 0 --out DIR
+
+writes ``DIR/checkpoint.pt`` (after every epoch, atomically) and ``DIR/log.csv`` (one row per
+optimiser step and one per epoch). A run whose ``DIR/checkpoint.pt`` already exists for the same
+configuration resumes after the last finished epoch and ends with the same number of optimiser
+steps as an uninterrupted run.
+
+Optimiser: AdamW with a short linear warm-up and a cosine decay. Adam needs no per-method tuning of
+the step size across the four detectors (their losses have very different scales), and the cosine
+schedule ends every run at a small learning rate whatever the epoch budget, which matters when a
+profile gives only a dozen epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from igrpn import config
+from igrpn.config import Profile, get_profile
+
+#: Bumped whenever the checkpoint layout changes; older or newer files are refused.
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.csv"
+LOG_FIELDS = (
+    "kind", "epoch", "step", "lr", "loss", "loss_cls", "loss_reg", "num_pos", "mean_pos_iou",
+    "val_d_mean_mm", "val_hit50", "seconds",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, unsafe, or of another method or version."""
+
+
+def run_name(method: str, iou_balance: bool) -> str:
+    """Name of a training configuration, e.g. ``rpn_ib``; the baselines without the switch use the
+    method alone (Faster R-CNN and heatmap have no IoU-balanced variant in the paper)."""
+    if method in ("rpn", "ssd"):
+        return f"{method}_{'ib' if iou_balance else 'noib'}"
+    return method
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def split_train_val(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic hold-out of the training split for validation (never the test split)."""
+    if len(case_ids) < 2:
+        raise ValueError(f"need at least 2 training cases to hold one out, got {len(case_ids)}")
+    order = np.random.default_rng(seed).permutation(len(case_ids))
+    n_val = min(len(case_ids) - 1, max(1, round(val_fraction * len(case_ids))))
+    val = sorted(case_ids[i] for i in order[:n_val])
+    train = sorted(case_ids[i] for i in order[n_val:])
+    return train, val
+
+
+def learning_rate(step: int, total_steps: int, base_lr: float, warmup_fraction: float = 0.05) -> float:
+    """Linear warm-up over the first steps, then cosine decay to 5 % of ``base_lr``."""
+    warmup = max(1, int(warmup_fraction * total_steps))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return base_lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write ``obj`` to a temporary file beside ``path`` and rename it: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_log(rows: list[dict], path: Path) -> None:
+    """Write the log CSV atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
+    """Load a checkpoint safely (``weights_only=True``: pickled code is refused, never run).
+
+    Raises:
+        CheckpointError: unreadable file, pickled objects, another format version, or (when
+            ``method`` is given) a checkpoint of another method.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - reported with the file name
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path}: not a loadable igrpn checkpoint (it is refused unless it holds only tensors "
+            f"and plain data): {first_line}"
+        ) from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise CheckpointError(f"{path}: not an igrpn checkpoint (no format_version)")
+    if ckpt["format_version"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {ckpt['format_version']} is not supported "
+            f"(this igrpn reads format {CHECKPOINT_FORMAT})"
+        )
+    if method is not None and ckpt.get("method") != method:
+        raise CheckpointError(f"{path}: checkpoint is for method {ckpt.get('method')!r}, not {method!r}")
+    return ckpt
+
+
+def _run_config(profile: Profile, method: str, iou_balance: bool, seed: int, manifest: Path) -> dict:
+    """Everything that defines a training run, as plain data (stored in the checkpoint)."""
+    return {
+        "profile": profile.to_dict(),
+        "method": method,
+        "iou_balance": bool(iou_balance),
+        "seed": int(seed),
+        "manifest": str(manifest),
+    }
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    keys = ("profile", "method", "iou_balance", "seed")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+@torch.no_grad()
+def validate(model, cases, profile: Profile) -> dict:
+    """Mean landmark distance (mm) and hit rate at IoU 0.5 of the top-1 candidates on ``cases``."""
+    from igrpn.boxes import box_iou, centre_to_corner, landmark_boxes
+    from igrpn.data import collate
+
+    model.eval()
+    box_vox = torch.tensor([profile.mm_to_vox(b) for b in profile.gt_box_mm], dtype=torch.float32)
+    distances, hits = [], []
+    for case in cases:
+        batch = collate([{"volume": torch.from_numpy(case.volume)[None],
+                          "landmarks_vox": torch.as_tensor(case.landmarks_vox, dtype=torch.float32),
+                          "case_id": case.case_id}])
+        outputs = model(batch["volume"])
+        per_landmark = model.candidates(outputs, top_k=1)[0]
+        gt_boxes = landmark_boxes(batch["landmarks_vox"][0], box_vox)
+        for index, (boxes, _scores) in enumerate(per_landmark):
+            if len(boxes) == 0:
+                distances.append(float("nan"))
+                hits.append(0.0)
+                continue
+            distances.append(float(torch.linalg.norm(boxes[0, :3] - gt_boxes[index, :3])) * profile.spacing_mm)
+            iou = box_iou(centre_to_corner(boxes[:1]), centre_to_corner(gt_boxes[index : index + 1]))
+            hits.append(float(iou[0, 0] >= 0.5))
+    model.train()
+    return {"val_d_mean_mm": float(np.nanmean(distances)), "val_hit50": float(np.mean(hits))}
+
+
+def train(
+    profile: Profile | str,
+    method: str = "rpn",
+    iou_balance: bool = True,
+    seed: int = 0,
+    out_dir: str | Path = "runs/rpn_ib",
+    manifest: str | Path = "data_manifest.csv",
+    resume: bool = True,
+    progress: bool = True,
+    max_epochs: int | None = None,
+) -> Path:
+    """Train one model and return the path of its checkpoint.
+
+    Args:
+        profile: a :class:`Profile` or its name.
+        method: one of ``config.METHODS``.
+        iou_balance: IoU-balanced classification loss (Eq. 2-3) on or off (ablation).
+        seed: seeds the weights, the validation hold-out, the augmentation and the sampling.
+        out_dir: receives ``checkpoint.pt`` and ``log.csv``.
+        manifest: the data set (train split used; a part held out for validation).
+        resume: continue from ``out_dir/checkpoint.pt`` when it is of the same configuration.
+        max_epochs: stop after this many epochs in total (for tests of interruption); the learning
+            rate schedule still follows ``profile.epochs``.
+    """
+    from tqdm.auto import tqdm
+
+    from igrpn.data import LandmarkDataset, collate, load_cases, read_manifest
+    from igrpn.model import build_model
+
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    if method not in config.METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {config.METHODS}")
+    out_dir = Path(out_dir)
+    manifest = Path(manifest).resolve()
+    run_config = _run_config(profile, method, iou_balance, seed, manifest)
+    ckpt_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / LOG_NAME
+
+    seed_everything(seed)
+    table = read_manifest(manifest)
+    train_table = table[table["split"] == "train"]
+    train_ids, val_ids = split_train_val(list(train_table["case_id"]), profile.val_fraction, seed)
+    cases = load_cases(train_table, profile.spacing_mm, progress=progress)
+    by_id = {case.case_id: case for case in cases}
+    train_cases = [by_id[i] for i in train_ids]
+    val_cases = [by_id[i] for i in val_ids]
+
+    model = build_model(method, profile, iou_balance=iou_balance)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
+    dataset = LandmarkDataset(train_cases, augment=True, rotation_deg=profile.rotation_deg,
+                              flip_prob=profile.flip_prob, seed=seed)
+    steps_per_epoch = math.ceil(len(dataset) / profile.batch_size)
+    total_steps = steps_per_epoch * profile.epochs
+
+    start_epoch, global_step, log_rows = 0, 0, []
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, method=method)
+        if not _same_run(ckpt["config"], run_config):
+            raise CheckpointError(
+                f"{ckpt_path}: holds a run of another configuration; use another --out or delete it"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
+        # Rows logged after the last checkpoint belong to an epoch that is redone.
+        log_rows = [r for r in read_log(log_path) if int(r["step"]) <= global_step]
+    last_epoch = profile.epochs if max_epochs is None else min(profile.epochs, max_epochs)
+
+    model.train()
+    for epoch in range(start_epoch, last_epoch):
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=profile.batch_size, shuffle=True, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        epoch_start, sums = time.perf_counter(), {}
+        bar = tqdm(loader, desc=f"{run_name(method, iou_balance)} epoch {epoch + 1}/{profile.epochs}",
+                   disable=not progress, leave=False)
+        for batch in bar:
+            lr = learning_rate(global_step, total_steps, profile.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.perf_counter()
+            losses = model.loss(model(batch["volume"]), batch["landmarks_vox"])
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            # Clipping keeps the first steps of the untuned heads from blowing up the BN statistics.
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+            optimizer.step()
+            global_step += 1
+            values = {k: float(v) for k, v in losses.items()}
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+            log_rows.append({"kind": "step", "epoch": epoch, "step": global_step, "lr": lr,
+                             "seconds": time.perf_counter() - step_start, **values})
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+        n_steps = max(1, len(loader))
+        row = {"kind": "epoch", "epoch": epoch, "step": global_step, "lr": lr,
+               "seconds": time.perf_counter() - epoch_start,
+               **{k: v / n_steps for k, v in sums.items()}}
+        row.update(validate(model, val_cases, profile))
+        log_rows.append(row)
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}: loss {row['loss']:.4f}  val d-mean {row['val_d_mean_mm']:.2f} mm"
+                       f"  val hit50 {row['val_hit50']:.2f}  ({row['seconds']:.0f} s)")
+        atomic_torch_save({
+            "format_version": CHECKPOINT_FORMAT,
+            "igrpn_version": __import__("igrpn").__version__,
+            "method": method,
+            "iou_balance": bool(iou_balance),
+            "config": run_config,
+            "epoch": epoch,
+            "global_step": global_step,
+            "val_ids": val_ids,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }, ckpt_path)
+        write_log(log_rows, log_path)
+    return ckpt_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m igrpn.train",
+        description="Train one landmark detector (IG-RPN or a baseline) on a manifest's train split.",
+        epilog="example: python -m igrpn.train --profile cpu --method rpn --seed 0 --out report/runs/rpn_ib",
+    )
+    parser.add_argument("--profile", default="cpu", choices=sorted(config.PROFILES))
+    parser.add_argument("--method", default="rpn", choices=config.METHODS)
+    parser.add_argument("--no-iou-balance", action="store_true", help="plain cross-entropy (ablation)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--manifest", default="data_manifest.csv", help="data set (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="folder for checkpoint.pt and log.csv")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = train(args.profile, method=args.method, iou_balance=not args.no_iou_balance, seed=args.seed,
+                 out_dir=args.out, manifest=args.manifest, resume=not args.no_resume)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
