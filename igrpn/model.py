@@ -1,0 +1,335 @@
+"""The shared 3D backbone, the common model interface, and the IG-RPN detector (paper §2.1–2.2).
+
+Tensors are (N, C, X, Y, Z); boxes are centre form ``(x, y, z, w, h, d)`` in voxels of the input
+volume (voxel centres at integer indices). See docs/architecture.md for the interface every method
+(rpn, ssd, faster_rcnn, heatmap) implements.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from igrpn import boxes as box_ops
+from igrpn.config import LANDMARKS, METHODS, NUM_LANDMARKS, Profile, get_profile
+from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
+
+#: The backbone down-samples three times, so input edges must be multiples of 2³.
+INPUT_MULTIPLE = 8
+
+
+def pad_to_multiple(x: Tensor, multiple: int = INPUT_MULTIPLE) -> Tensor:
+    """Zero-pad the spatial edges of ``x`` (N, C, X, Y, Z) at their high end up to multiples of
+    ``multiple``. Voxel coordinates are unchanged (padding is only added after the last voxel)."""
+    if x.ndim != 5:
+        raise ValueError(f"pad_to_multiple: expected (N, C, X, Y, Z), got shape {tuple(x.shape)}")
+    extra = [(-n) % multiple for n in x.shape[2:]]
+    if not any(extra):
+        return x
+    # F.pad lists the last axis first: (z_low, z_high, y_low, y_high, x_low, x_high).
+    return F.pad(x, (0, extra[2], 0, extra[1], 0, extra[0]))
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """3×3×3 convolution (no bias: BatchNorm follows), BatchNorm3d, ReLU."""
+    return [
+        nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm3d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class Backbone(nn.Module):
+    """3D VGG-16-like feature extractor with a U-Net-style fusion of blocks 3 and 4 (paper §2.1).
+
+    Four blocks of two [3×3×3 conv, BatchNorm, ReLU] with ``width, 2w, 4w, 8w`` channels and a
+    2× max-pool between blocks (strides 1, 2, 4, 8). Block 4 is upsampled trilinearly to block 3's
+    grid, concatenated with it, and a 3×3×3 conv (+BN+ReLU) gives ``fused`` (stride 4, 4w channels).
+    """
+
+    #: stride of ``fused`` relative to the input
+    stride = 4
+
+    def __init__(self, width: int, in_channels: int = 1):
+        super().__init__()
+        if width < 1 or in_channels < 1:
+            raise ValueError(f"Backbone: width and in_channels must be >= 1, got {width}, {in_channels}")
+        self.width = width
+        self.block_channels = (width, 2 * width, 4 * width, 8 * width)
+        self.block_strides = (1, 2, 4, 8)
+        self.out_channels = 4 * width
+        blocks, previous = [], in_channels
+        for channels in self.block_channels:
+            blocks.append(nn.Sequential(*_conv_bn_relu(previous, channels), *_conv_bn_relu(channels, channels)))
+            previous = channels
+        self.block1, self.block2, self.block3, self.block4 = blocks
+        self.fuse = nn.Sequential(*_conv_bn_relu(4 * width + 8 * width, self.out_channels))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """x: (N, in_channels, X, Y, Z) with X, Y, Z multiples of 8 (see :func:`pad_to_multiple`).
+
+        Returns ``block1`` (N, w, X, Y, Z), ``block2`` (N, 2w, X/2, …), ``block3`` (N, 4w, X/4, …),
+        ``block4`` (N, 8w, X/8, …) and ``fused`` (N, 4w, X/4, Y/4, Z/4).
+        """
+        if x.ndim != 5:
+            raise ValueError(f"Backbone: expected input (N, C, X, Y, Z), got shape {tuple(x.shape)}")
+        if any(n % INPUT_MULTIPLE for n in x.shape[2:]):
+            raise ValueError(
+                f"Backbone: spatial shape {tuple(x.shape[2:])} must be multiples of {INPUT_MULTIPLE}; "
+                "pad with igrpn.model.pad_to_multiple"
+            )
+        block1 = self.block1(x)
+        block2 = self.block2(F.max_pool3d(block1, 2))
+        block3 = self.block3(F.max_pool3d(block2, 2))
+        block4 = self.block4(F.max_pool3d(block3, 2))
+        upsampled = F.interpolate(block4, size=block3.shape[2:], mode="trilinear", align_corners=False)
+        fused = self.fuse(torch.cat([block3, upsampled], dim=1))
+        return {"block1": block1, "block2": block2, "block3": block3, "block4": block4, "fused": fused}
+
+
+class LandmarkModel(nn.Module):
+    """Common interface of every landmark detector (docs/architecture.md).
+
+    Subclasses set the class attribute ``method`` and implement ``forward(volumes) -> dict``,
+    ``loss(outputs, landmarks_vox) -> dict`` (``"loss"`` is back-propagated, the rest are detached
+    scalars for the log) and ``candidates(outputs, top_k) -> [volume][landmark] (boxes, scores)``.
+    This base class holds the profile and the IoU-balance switch and offers GT boxes in voxels,
+    cached anchors and a reproducible sampling generator.
+    """
+
+    method: str = ""
+    num_classes: int = NUM_LANDMARKS  # K, background excluded
+
+    def __init__(self, profile: Profile, iou_balance: bool = True):
+        super().__init__()
+        if not isinstance(profile, Profile):
+            raise ValueError(f"{type(self).__name__}: profile must be an igrpn.config.Profile, got {profile!r}")
+        if len(profile.gt_box_mm) != NUM_LANDMARKS:
+            raise ValueError(
+                f"profile {profile.name!r}: gt_box_mm needs {NUM_LANDMARKS} sizes ({', '.join(LANDMARKS)}), "
+                f"got {len(profile.gt_box_mm)}"
+            )
+        self.profile = profile
+        self.iou_balance = bool(iou_balance)
+        self._anchor_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._sampling_calls = 0
+
+    # --- sizes in voxels ------------------------------------------------------------------------
+    def gt_box_vox(self) -> Tensor:
+        """(5,) float32 edge of each landmark's GT cube, voxels (``profile.gt_box_mm / spacing``)."""
+        return torch.tensor(self.profile.gt_box_mm, dtype=torch.float32) / self.profile.spacing_mm
+
+    def anchor_sizes_vox(self) -> tuple[float, ...]:
+        """The profile's anchor base sizes in voxels."""
+        return tuple(s / self.profile.spacing_mm for s in self.profile.anchor_sizes_mm)
+
+    def gt_boxes(self, landmarks_vox: Tensor) -> Tensor:
+        """GT cubes (..., 5, 6) centre form, voxels, for landmarks (..., 5, 3) in voxels."""
+        landmarks_vox = torch.as_tensor(landmarks_vox)
+        return box_ops.landmark_boxes(landmarks_vox, self.gt_box_vox().to(landmarks_vox.device))
+
+    # --- anchors --------------------------------------------------------------------------------
+    def _anchor_pair(self, grid_shape, stride, sizes_vox, device) -> tuple[Tensor, Tensor]:
+        sizes = tuple(float(s) for s in (self.anchor_sizes_vox() if sizes_vox is None else sizes_vox))
+        key = (tuple(int(g) for g in grid_shape), int(stride), sizes, str(torch.device(device or "cpu")))
+        if key not in self._anchor_cache:
+            centre = box_ops.make_anchors(grid_shape, stride, sizes).to(device or "cpu")
+            self._anchor_cache[key] = (centre, box_ops.centre_to_corner(centre))
+        return self._anchor_cache[key]
+
+    def anchors(self, grid_shape, stride: int, sizes_vox=None, device=None) -> Tensor:
+        """Cached :func:`igrpn.boxes.make_anchors` (centre form, voxels) for a feature grid;
+        ``sizes_vox`` defaults to the profile's anchor sizes."""
+        return self._anchor_pair(grid_shape, stride, sizes_vox, device)[0]
+
+    def anchors_corner(self, grid_shape, stride: int, sizes_vox=None, device=None) -> Tensor:
+        """The same anchors as :meth:`anchors`, in corner form (cached too)."""
+        return self._anchor_pair(grid_shape, stride, sizes_vox, device)[1]
+
+    # --- reproducible sampling ------------------------------------------------------------------
+    def sampling_generator(self) -> torch.Generator:
+        """A CPU generator seeded from a per-model call counter, so that a training run that makes
+        the same calls draws the same anchors."""
+        generator = torch.Generator().manual_seed(self._sampling_calls)
+        self._sampling_calls += 1
+        return generator
+
+    def _check_landmarks(self, landmarks_vox: Tensor, batch: int) -> Tensor:
+        if landmarks_vox.shape != (batch, NUM_LANDMARKS, 3):
+            raise ValueError(
+                f"{type(self).__name__}.loss: landmarks_vox must have shape ({batch}, {NUM_LANDMARKS}, 3), "
+                f"got {tuple(landmarks_vox.shape)}"
+            )
+        return landmarks_vox.float()
+
+    # --- the interface --------------------------------------------------------------------------
+    def forward(self, volumes: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss(self, outputs: dict[str, Tensor], landmarks_vox: Tensor) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def candidates(self, outputs: dict[str, Tensor], top_k: int) -> list[list[tuple[Tensor, Tensor]]]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class RPNModel(LandmarkModel):
+    """IG-RPN (paper §2.2): backbone + 3D RPN head with K+1 class scores and 6 deltas per anchor.
+
+    ``forward`` returns ``cls_logits`` (N, cells·A, K+1), ``deltas`` (N, cells·A, 6) and
+    ``anchors`` (cells·A, 6) centre form in voxels, row-aligned (cell-major, anchor-minor).
+    """
+
+    method = "rpn"
+    #: anchors per class kept (by score) before NMS in :meth:`candidates`
+    pre_nms_top_n = 1000
+    #: initial background probability of every anchor
+    background_prior = 0.99
+
+    def __init__(self, profile: Profile, iou_balance: bool = True):
+        super().__init__(profile, iou_balance)
+        self.backbone = Backbone(profile.width)
+        self.stride = self.backbone.stride
+        channels = self.backbone.out_channels
+        self.num_anchors_per_cell = len(profile.anchor_sizes_mm) ** 3
+        num_outputs = self.num_classes + 1
+        self.head_conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
+        self.cls_conv = nn.Conv3d(channels, self.num_anchors_per_cell * num_outputs, kernel_size=1)
+        self.reg_conv = nn.Conv3d(channels, self.num_anchors_per_cell * 6, kernel_size=1)
+        self._init_head()
+
+    def _init_head(self) -> None:
+        # Class logits: nearly all of the ~10⁵ anchors of a volume are background, so start every
+        # anchor at p(background) = 0.99 (the focal-loss prior): scores and losses are sensible from
+        # the first step instead of a uniform 1/(K+1) everywhere. With zero weights for the other
+        # classes, softmax gives p_bg = e^b / (e^b + K) = prior  =>  b = log(prior·K / (1 − prior)).
+        nn.init.normal_(self.cls_conv.weight, std=0.01)
+        bias = torch.zeros(self.num_anchors_per_cell, self.num_classes + 1)
+        bias[:, 0] = math.log(self.background_prior * self.num_classes / (1 - self.background_prior))
+        with torch.no_grad():
+            self.cls_conv.bias.copy_(bias.reshape(-1))
+        # Deltas: small weights so the first decoded boxes are the anchors themselves (exp(t) ≈ 1);
+        # large random deltas would give meaningless boxes and IoUs for the IoU-balanced weights.
+        nn.init.normal_(self.reg_conv.weight, std=0.001)
+        nn.init.zeros_(self.reg_conv.bias)
+
+    def _flatten(self, x: Tensor, per_anchor: int) -> Tensor:
+        """(N, A·C, X, Y, Z) -> (N, X·Y·Z·A, C), matching make_anchors' cell-major order."""
+        n, _, gx, gy, gz = x.shape
+        x = x.view(n, self.num_anchors_per_cell, per_anchor, gx, gy, gz)
+        return x.permute(0, 3, 4, 5, 1, 2).reshape(n, -1, per_anchor)
+
+    def forward(self, volumes: Tensor) -> dict[str, Tensor]:
+        """volumes: (N, 1, X, Y, Z), padded here to multiples of 8 (high end)."""
+        features = self.backbone(pad_to_multiple(volumes))["fused"]
+        hidden = F.relu(self.head_conv(features))
+        cls_logits = self._flatten(self.cls_conv(hidden), self.num_classes + 1)
+        deltas = self._flatten(self.reg_conv(hidden), 6)
+        anchors = self.anchors(features.shape[2:], self.stride, device=features.device)
+        return {"cls_logits": cls_logits, "deltas": deltas, "anchors": anchors}
+
+    def loss(self, outputs: dict[str, Tensor], landmarks_vox: Tensor) -> dict[str, Tensor]:
+        """IoU-balanced classification + smooth-L1 regression on sampled anchors (paper Eq. 2–3).
+
+        Per volume: match the anchors to the five GT cubes, sample ``profile.samples_per_volume``
+        anchors with at most ``positive_fraction`` positives; the IoU of a positive is between its
+        decoded *predicted* box and its GT (no gradient). The classification loss runs over the
+        sampled anchors of the whole batch; regression is the mean over positives.
+        """
+        logits, deltas, anchors = outputs["cls_logits"], outputs["deltas"], outputs["anchors"]
+        landmarks_vox = self._check_landmarks(torch.as_tensor(landmarks_vox, device=logits.device), logits.shape[0])
+        anchors_corner = box_ops.centre_to_corner(anchors)
+        gt_labels = torch.arange(1, self.num_classes + 1, device=logits.device)
+        generator = self.sampling_generator()
+        sampled_logits, sampled_labels, sampled_ious, pos_deltas, pos_targets = [], [], [], [], []
+        for volume_index, gt_centre in enumerate(self.gt_boxes(landmarks_vox)):
+            labels, matched = box_ops.match_anchors(
+                anchors_corner, box_ops.centre_to_corner(gt_centre), gt_labels,
+                self.profile.pos_iou, self.profile.neg_iou,
+            )
+            chosen = box_ops.sample_balanced(
+                labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator
+            )
+            chosen_labels = labels[chosen]
+            positives = chosen[chosen_labels > 0]
+            pred = deltas[volume_index, positives]
+            pos_anchors, pos_gt = anchors[positives], gt_centre[matched[positives]]
+            # IoU of the regressed box with its GT: a weight only, no gradient (Eq. 3).
+            with torch.no_grad():
+                decoded = box_ops.centre_to_corner(box_ops.decode(pred.detach(), pos_anchors))
+                pos_iou = box_ops.paired_box_iou(decoded, box_ops.centre_to_corner(pos_gt))
+            ious = torch.zeros(chosen.numel(), device=logits.device)
+            ious[chosen_labels > 0] = pos_iou
+            sampled_logits.append(logits[volume_index, chosen])
+            sampled_labels.append(chosen_labels)
+            sampled_ious.append(ious)
+            pos_deltas.append(pred)
+            pos_targets.append(box_ops.encode(pos_gt, pos_anchors))
+        labels = torch.cat(sampled_labels)
+        ious = torch.cat(sampled_ious)
+        loss_cls = iou_balanced_cross_entropy(
+            torch.cat(sampled_logits), labels, ious, eta=self.profile.eta, enabled=self.iou_balance
+        )
+        loss_reg = smooth_l1(torch.cat(pos_deltas), torch.cat(pos_targets))
+        is_pos = labels > 0
+        num_pos = is_pos.sum()
+        mean_pos_iou = ious[is_pos].mean() if bool(num_pos) else ious.new_zeros(())
+        return {
+            "loss": loss_cls + loss_reg,
+            "loss_cls": loss_cls.detach(),
+            "loss_reg": loss_reg.detach(),
+            "num_pos": num_pos.float(),
+            "mean_pos_iou": mean_pos_iou.detach(),
+        }
+
+    @torch.no_grad()
+    def candidates(self, outputs: dict[str, Tensor], top_k: int | None = None) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per volume and landmark, up to ``top_k`` boxes after per-class NMS.
+
+        Softmax over K+1; for class c the ``pre_nms_top_n`` anchors with the highest p_c are decoded
+        and suppressed at ``profile.nms_iou``. Returns ``[volume][landmark] = (boxes (n, 6) centre
+        form voxels, scores (n,))`` by decreasing score, n <= top_k (``None``: ``profile.top_k``).
+        """
+        top_k = self.profile.top_k if top_k is None else int(top_k)
+        logits, deltas, anchors = outputs["cls_logits"], outputs["deltas"], outputs["anchors"]
+        keep_per_class = min(self.pre_nms_top_n, anchors.shape[0])
+        results = []
+        for volume_logits, volume_deltas in zip(logits, deltas):
+            # Log-probabilities of the K landmark classes, laid out (K, cells·A) for a fast top-k;
+            # ranking on log p is the same as on p, and only the kept ones are exponentiated.
+            volume_logits = volume_logits.float()
+            log_probs = volume_logits[:, 1:] - torch.logsumexp(volume_logits, dim=-1, keepdim=True)
+            top_log_probs, top_index = log_probs.t().contiguous().topk(keep_per_class, dim=1)
+            top_scores, top_index = top_log_probs.exp().t(), top_index.t()  # (keep, K)
+            per_landmark = []
+            for c in range(self.num_classes):
+                index = top_index[:, c]
+                boxes = box_ops.decode(volume_deltas[index].float(), anchors[index])
+                keep = box_ops.nms(box_ops.centre_to_corner(boxes), top_scores[:, c], self.profile.nms_iou, top_k)
+                per_landmark.append((boxes[keep], top_scores[keep, c]))
+            results.append(per_landmark)
+        return results
+
+
+def build_model(method: str, profile: Profile | str, iou_balance: bool = True) -> LandmarkModel:
+    """The model of ``method`` ("rpn", "ssd", "faster_rcnn" or "heatmap") for ``profile``.
+
+    The baselines live in ``igrpn.ssd``, ``igrpn.faster_rcnn`` and ``igrpn.heatmap`` and are
+    imported only when asked for; the class is the module's LandmarkModel subclass whose
+    ``method`` attribute equals ``method``.
+    """
+    if isinstance(profile, str):
+        profile = get_profile(profile)
+    if method not in METHODS:
+        raise ValueError(f"build_model: unknown method {method!r}; expected one of {list(METHODS)}")
+    if method == RPNModel.method:
+        return RPNModel(profile, iou_balance=iou_balance)
+    module = importlib.import_module(f"igrpn.{method}")
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, LandmarkModel) and value.method == method:
+            return value(profile, iou_balance=iou_balance)
+    raise ValueError(f"build_model: igrpn.{method} defines no LandmarkModel subclass with method={method!r}")

@@ -1,0 +1,150 @@
+"""Backbone shapes, RPN output / anchor alignment, the RPN loss and candidates (smoke profile)."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from igrpn import boxes as B
+from igrpn.config import get_profile
+from igrpn.model import Backbone, LandmarkModel, RPNModel, build_model, pad_to_multiple
+
+PROFILE = get_profile("smoke")  # 5.2 mm: GT cubes 3.5 / 6 voxels, anchors 3.25–7 voxels
+LANDMARKS_VOX = torch.tensor([[9.0, 12.0, 16.0], [16.0, 9.0, 16.0], [23.0, 12.0, 16.0],
+                              [16.0, 18.0, 12.0], [16.0, 25.0, 14.0]])
+
+
+def synthetic_volume(landmarks_vox, shape=(32, 32, 32)):
+    """Dark noisy volume with a bright cube (edge 3) at each landmark: (1, 1, X, Y, Z)."""
+    generator = torch.Generator().manual_seed(0)
+    volume = 0.1 * torch.randn(shape, generator=generator)
+    for x, y, z in landmarks_vox.round().long().tolist():  # five cubes: builds the input only
+        volume[x - 1:x + 2, y - 1:y + 2, z - 1:z + 2] += 1.0
+    return volume[None, None]
+
+
+def test_pad_to_multiple():
+    x = torch.ones(1, 2, 30, 32, 33)
+    padded = pad_to_multiple(x)
+    assert padded.shape == (1, 2, 32, 32, 40)
+    assert torch.equal(padded[:, :, :30, :32, :33], x)
+    assert padded.sum() == x.sum()  # only zeros added
+    assert pad_to_multiple(padded) is padded
+
+
+def test_backbone_shapes():
+    torch.manual_seed(0)
+    backbone = Backbone(width=4)
+    out = backbone(torch.randn(1, 1, 32, 32, 32))
+    assert out["block1"].shape == (1, 4, 32, 32, 32)
+    assert out["block2"].shape == (1, 8, 16, 16, 16)
+    assert out["block3"].shape == (1, 16, 8, 8, 8)
+    assert out["block4"].shape == (1, 32, 4, 4, 4)
+    assert out["fused"].shape == (1, 16, 8, 8, 8)
+    assert backbone.out_channels == 16 and backbone.stride == 4
+    with pytest.raises(ValueError, match="multiples of 8"):
+        backbone(torch.randn(1, 1, 30, 32, 32))
+
+
+def test_rpn_outputs_aligned_with_anchors():
+    torch.manual_seed(0)
+    model = build_model("rpn", PROFILE)
+    assert isinstance(model, LandmarkModel) and model.method == "rpn"
+    out = model(torch.randn(2, 1, 32, 24, 16))
+    sizes = [s / PROFILE.spacing_mm for s in PROFILE.anchor_sizes_mm]
+    expected = B.make_anchors((8, 6, 4), 4, sizes)
+    assert torch.equal(out["anchors"], expected)
+    assert out["cls_logits"].shape == (2, expected.shape[0], 6)
+    assert out["deltas"].shape == (2, expected.shape[0], 6)
+    # The focal-style prior: every anchor starts near p(background) = 0.99.
+    p_background = torch.softmax(out["cls_logits"].detach(), dim=-1)[..., 0]
+    assert float(p_background.mean()) == pytest.approx(0.99, abs=0.005)
+
+
+def test_rpn_flatten_is_cell_major_anchor_minor():
+    model = RPNModel(PROFILE)
+    num_shapes, grid = model.num_anchors_per_cell, (2, 3, 4)
+    # Channel a·C + c of cell (i, j, k) holds 1000·cell + 10·a + c.
+    cell = torch.arange(24).reshape(grid).float()
+    a = torch.arange(num_shapes).float()[:, None, None, None, None]
+    c = torch.arange(6).float()[None, :, None, None, None]
+    head = (1000 * cell + 10 * a + c).reshape(1, num_shapes * 6, *grid)
+    flat = model._flatten(head, 6)[0]  # (cells·A, 6)
+    rows = torch.arange(flat.shape[0]).float()
+    assert torch.equal(flat[:, 0], 1000 * (rows // num_shapes) + 10 * (rows % num_shapes))
+    assert torch.equal(flat[:, 5] - flat[:, 0], torch.full_like(rows, 5))
+
+
+def test_rpn_loss_outputs_and_reproducibility():
+    torch.manual_seed(0)
+    model = RPNModel(PROFILE)
+    twin = copy.deepcopy(model)
+    volumes = synthetic_volume(LANDMARKS_VOX).repeat(2, 1, 1, 1, 1)
+    landmarks = LANDMARKS_VOX.expand(2, 5, 3)
+    losses = model.loss(model(volumes), landmarks)
+    assert set(losses) == {"loss", "loss_cls", "loss_reg", "num_pos", "mean_pos_iou"}
+    assert losses["loss"].requires_grad
+    assert all(not v.requires_grad for k, v in losses.items() if k != "loss")
+    # At most half of 64 sampled anchors per volume are positive; every landmark has one.
+    assert 10 <= losses["num_pos"].item() <= 64
+    assert 0.0 < losses["mean_pos_iou"].item() <= 1.0
+    again = twin.loss(twin(volumes), landmarks)
+    assert all(torch.equal(losses[k], again[k]) for k in losses)
+    with pytest.raises(ValueError, match="landmarks_vox"):
+        model.loss(model(volumes), LANDMARKS_VOX)
+
+
+def test_iou_balance_switch_changes_gradient_not_value():
+    torch.manual_seed(0)
+    anchors = B.make_anchors((8, 8, 8), 4, [3.25, 4.0, 5.0, 7.0])
+    logits = torch.randn(1, anchors.shape[0], 6)
+    deltas = 0.2 * torch.randn(1, anchors.shape[0], 6)
+    grads, values = [], []
+    for balance in (True, False):
+        model = RPNModel(PROFILE, iou_balance=balance)
+        leaf = logits.clone().requires_grad_()
+        loss = model.loss({"cls_logits": leaf, "deltas": deltas, "anchors": anchors}, LANDMARKS_VOX[None])
+        loss["loss"].backward()
+        grads.append(leaf.grad)
+        values.append(loss["loss_cls"].item())
+    # Eq. (3) keeps the positives' total CE, so the value matches; the gradient is reweighted.
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_training_steps_reduce_loss_and_candidates():
+    torch.manual_seed(0)
+    profile = dataclasses.replace(PROFILE, samples_per_volume=32)
+    model = RPNModel(profile)
+    volume = synthetic_volume(LANDMARKS_VOX)
+    landmarks = LANDMARKS_VOX[None]
+
+    def loss_with_fixed_sample():
+        model._sampling_calls = 0  # the same anchors are sampled for both measurements
+        with torch.no_grad():
+            return model.loss(model(volume), landmarks)["loss"].item()
+
+    before = loss_with_fixed_sample()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(8):
+        optimiser.zero_grad()
+        model.loss(model(volume), landmarks)["loss"].backward()
+        optimiser.step()
+    after = loss_with_fixed_sample()
+    assert after < 0.7 * before
+
+    model.eval()
+    with torch.no_grad():
+        found = model.candidates(model(volume), top_k=2)
+    assert len(found) == 1 and len(found[0]) == 5
+    for boxes, scores in found[0]:
+        assert boxes.shape[1] == 6 and 1 <= boxes.shape[0] <= 2 and scores.shape == boxes.shape[:1]
+        assert bool((scores[:-1] >= scores[1:]).all()) and bool(((scores >= 0) & (scores <= 1)).all())
+        assert bool((boxes[:, 3:] > 0).all())
+
+
+def test_build_model_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown method"):
+        build_model("yolo", PROFILE)
+    assert build_model("rpn", "smoke", iou_balance=False).iou_balance is False
