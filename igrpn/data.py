@@ -586,10 +586,16 @@ class LandmarkDataset(Dataset):
             ``MAX_ROTATION_DRAWS`` times, then no rotation).
         flip_prob: probability of flipping each axis, independently.
         seed: non-negative integer.
+        crop_size: edge (voxels) of a random cubic training crop that keeps every landmark at
+            least ``crop_margin`` voxels inside (cuts the cost of a step by (crop / volume)³);
+            ``None`` keeps the whole volume. Applied after rotation and flips, also without
+            ``augment`` (then centred on the landmarks).
+        crop_margin: voxels kept between a landmark and the crop's faces (half the largest box).
     """
 
     def __init__(self, cases: Sequence[Case], augment: bool = False, rotation_deg: float = 25.0,
-                 flip_prob: float = 0.5, seed: int = 0):
+                 flip_prob: float = 0.5, seed: int = 0, crop_size: int | None = None,
+                 crop_margin: float = 0.0):
         if rotation_deg < 0 or not np.isfinite(rotation_deg):
             raise ValueError(f"rotation_deg must be a non-negative number, got {rotation_deg}")
         if not 0.0 <= flip_prob <= 1.0:
@@ -602,6 +608,10 @@ class LandmarkDataset(Dataset):
         self.flip_prob = float(flip_prob)
         self.seed = int(seed)
         self.epoch = 0
+        if crop_size is not None and int(crop_size) < 8:
+            raise ValueError(f"crop_size must be at least 8 voxels, got {crop_size}")
+        self.crop_size = None if crop_size is None else int(crop_size)
+        self.crop_margin = float(crop_margin)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of this epoch."""
@@ -621,6 +631,29 @@ class LandmarkDataset(Dataset):
                 return rotation
         return None
 
+    def _crop(self, volume: torch.Tensor, landmarks: np.ndarray, rng: np.random.Generator | None):
+        """Cut a cube of ``crop_size`` voxels holding every landmark ``crop_margin`` inside.
+
+        The origin is drawn uniformly among the admissible ones per axis (centred on the
+        landmarks when ``rng`` is None); where no origin keeps the margin, the crop is centred on
+        the landmarks' extent, and an axis shorter than the crop is kept whole.
+        """
+        origin = []
+        for axis, extent in enumerate(volume.shape):
+            size = min(self.crop_size, extent)
+            low = np.ceil(landmarks[:, axis].max() + self.crop_margin - (size - 1))
+            high = np.floor(landmarks[:, axis].min() - self.crop_margin)
+            low, high = max(0.0, low), min(float(extent - size), high)
+            if low > high:  # the margin cannot be kept: centre on the landmarks
+                centre = (landmarks[:, axis].max() + landmarks[:, axis].min()) / 2
+                low = high = float(np.clip(round(centre - (size - 1) / 2), 0, extent - size))
+            start = int(rng.integers(int(low), int(high) + 1)) if rng is not None else int((low + high) // 2)
+            origin.append(start)
+        x, y, z = origin
+        sx, sy, sz = (min(self.crop_size, n) for n in volume.shape)
+        cropped = volume[x : x + sx, y : y + sy, z : z + sz]
+        return cropped, landmarks - np.asarray(origin, dtype=np.float64)
+
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
         volume = torch.tensor(np.asarray(case.volume), dtype=torch.float32)  # a copy: never touch the cache
@@ -633,6 +666,9 @@ class LandmarkDataset(Dataset):
                     volume, landmarks = rotate_sample(volume, landmarks, rotation)
             flip_axes = np.flatnonzero(rng.random(3) < self.flip_prob)
             volume, landmarks = flip_sample(volume, landmarks, flip_axes)
+        if self.crop_size is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, int(index), 1)) if self.augment else None
+            volume, landmarks = self._crop(volume, landmarks, rng)
         return {
             "volume": volume.contiguous()[None],
             "landmarks_vox": torch.as_tensor(landmarks, dtype=torch.float32),

@@ -19,6 +19,39 @@ from igrpn.config import LANDMARKS, Profile
 
 PREDICTION_COLUMNS = ("landmark", "class_id", "rank", "selected", "score", "x", "y", "z",
                       "i", "j", "k", "w", "h", "d")
+#: Largest resampled grid (voxels) that :meth:`Detector.predict` accepts: 256³. Above it the
+#: backbone's first block alone needs gigabytes of CPU memory; crop the volume or use a coarser
+#: profile.
+MAX_GRID_VOXELS = 256 ** 3
+
+
+def check_grid_size(shape, affine, spacing_mm: float, name: str = "volume") -> tuple[int, int, int]:
+    """Refuse a volume whose isotropic grid at ``spacing_mm`` would exceed ``MAX_GRID_VOXELS``.
+
+    Args:
+        shape: (X, Y, Z[, ...]) of the volume as given (a NIfTI header's shape is enough).
+        affine: (4, 4) voxel → world mm.
+        spacing_mm: the profile's isotropic spacing.
+        name: names the volume in the message.
+
+    Returns:
+        The resampled grid's shape (X', Y', Z').
+
+    Raises:
+        ValueError: naming the volume, the grid's size and the limit.
+    """
+    from igrpn.data import resampled_grid
+
+    grid = resampled_grid(tuple(shape)[:3], affine, spacing_mm)[0]
+    voxels = int(np.prod(grid, dtype=np.int64))
+    if voxels > MAX_GRID_VOXELS:
+        raise ValueError(
+            f"{name}: too large: the {'x'.join(map(str, shape[:3]))} volume resampled to "
+            f"{spacing_mm:g} mm is a {'x'.join(map(str, grid))} grid ({voxels / 1e6:.1f} M voxels), "
+            f"above the limit of {round(MAX_GRID_VOXELS ** (1 / 3))}^3 = {MAX_GRID_VOXELS / 1e6:.1f} M "
+            f"voxels (igrpn.detect.MAX_GRID_VOXELS); crop the volume around the face"
+        )
+    return grid
 
 
 class Detector:
@@ -82,21 +115,32 @@ class Detector:
         self.last_timing = {"model_ms": model_ms, "postprocess_ms": post_ms, "total_ms": model_ms + post_ms}
         return rows
 
-    def predict(self, volume: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
+    def predict(self, volume: np.ndarray, affine: np.ndarray, name: str = "volume") -> pd.DataFrame:
         """Predict the five landmarks of a volume of any size, spacing and orientation.
 
+        A volume smaller than the network's field of view is zero-padded (by the model, to a
+        multiple of 8 voxels); one whose resampled grid exceeds ``MAX_GRID_VOXELS`` is refused.
+
         Args:
-            volume: (X, Y, Z) intensities (any dtype).
+            volume: (X, Y, Z) or (X, Y, Z, 1) intensities (any dtype).
             affine: (4, 4) voxel → world mm (the NIfTI affine).
+            name: names the volume in error messages (e.g. its file name).
 
         Returns:
             One row per candidate: world mm ``x, y, z``, voxel ``i, j, k`` of the GIVEN volume,
             box size ``w, h, d`` in mm, ``score``, ``rank`` and ``selected``.
+
+        Raises:
+            ValueError naming the volume: not 3D, NaN/inf voxels, constant, bad affine, too large.
         """
         from igrpn.data import prepare_volume
 
-        grid_volume, grid_affine = prepare_volume(np.asarray(volume), np.asarray(affine, dtype=np.float64),
-                                                  self.profile.spacing_mm)
+        volume, affine = np.asarray(volume), np.asarray(affine, dtype=np.float64)
+        # A bad shape or affine is left to prepare_volume, which names the problem.
+        if (volume.ndim >= 3 and affine.shape == (4, 4) and np.all(np.isfinite(affine))
+                and abs(np.linalg.det(affine[:3, :3])) > 1e-12):
+            check_grid_size(volume.shape, affine, self.profile.spacing_mm, name)
+        grid_volume, grid_affine = prepare_volume(volume, affine, self.profile.spacing_mm, name=name)
         rows = self.predict_grid(grid_volume, grid_affine)
         # Re-express the centres in the voxel grid of the volume the caller gave.
         world = rows[["x", "y", "z"]].to_numpy()

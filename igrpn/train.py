@@ -237,7 +237,9 @@ def train(
     model = build_model(method, profile, iou_balance=iou_balance)
     optimizer = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
     dataset = LandmarkDataset(train_cases, augment=True, rotation_deg=profile.rotation_deg,
-                              flip_prob=profile.flip_prob, seed=seed)
+                              flip_prob=profile.flip_prob, seed=seed,
+                              crop_size=None if profile.crop_mm is None else round(profile.crop_mm / profile.spacing_mm),
+                              crop_margin=max(profile.mm_to_vox(profile.gt_box_mm)) / 2)
     steps_per_epoch = math.ceil(len(dataset) / profile.batch_size)
     total_steps = steps_per_epoch * profile.epochs
 
@@ -334,3 +336,36 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def anchor_coverage(cases, profile: Profile) -> "pandas.DataFrame":
+    """How well the profile's anchors cover each landmark's GT box (no augmentation).
+
+    For every case and landmark: the best IoU of any anchor with the GT box and the number of
+    anchors that the matcher makes positive for it (IoU > ``profile.pos_iou``, or the best
+    anchor). A landmark whose best IoU stays low is missed whatever the training does.
+
+    Returns:
+        DataFrame with columns ``case_id, landmark, best_iou, num_positive``.
+    """
+    import pandas as pd
+
+    from igrpn.boxes import box_iou, centre_to_corner, landmark_boxes, make_anchors
+
+    box_vox = torch.tensor([profile.mm_to_vox(b) for b in profile.gt_box_mm], dtype=torch.float32)
+    sizes_vox = [profile.mm_to_vox(s) for s in profile.anchor_sizes_mm]
+    anchors_by_shape, records = {}, []
+    for case in cases:
+        # The backbone works on volumes padded to a multiple of 8; its feature map has stride 4.
+        padded = tuple(int(math.ceil(n / 8) * 8) for n in case.volume.shape)
+        grid = tuple(n // 4 for n in padded)
+        if grid not in anchors_by_shape:
+            anchors_by_shape[grid] = centre_to_corner(make_anchors(grid, 4, sizes_vox))
+        gt = centre_to_corner(landmark_boxes(torch.as_tensor(case.landmarks_vox, dtype=torch.float32), box_vox))
+        iou = box_iou(anchors_by_shape[grid], gt)  # (A, 5)
+        best = iou.max(dim=0).values
+        positive = (iou > profile.pos_iou) | (iou == best[None, :])
+        for index, name in enumerate(config.LANDMARKS):
+            records.append({"case_id": case.case_id, "landmark": name, "best_iou": float(best[index]),
+                            "num_positive": int(positive[:, index].sum())})
+    return pd.DataFrame.from_records(records)

@@ -506,3 +506,25 @@ def test_collate_pads_to_a_multiple_of_eight_at_the_high_end():
     # Already a multiple of 8: no padding.
     exact = {"volume": torch.ones(1, 8, 16, 8), "landmarks_vox": torch.zeros(5, 3), "case_id": "c"}
     assert data.collate([exact])["volume"].shape == (1, 1, 8, 16, 8)
+
+
+def test_training_crop_keeps_landmarks_on_their_voxels_and_inside_the_margin():
+    import igrpn.data as data_module
+
+    volume = np.zeros((48, 44, 40), dtype=np.float32)
+    landmarks = np.array([[14, 20, 18], [20, 24, 18], [26, 20, 18], [20, 18, 24], [20, 12, 26]], float)
+    for n, point in enumerate(landmarks):
+        volume[tuple(point.astype(int))] = n + 1.0  # each landmark marks its own voxel
+    case = data_module.Case(case_id="crop", volume=volume, affine=np.eye(4), landmarks_mm=landmarks,
+                            landmarks_vox=landmarks, split="train")
+    for augment in (False, True):
+        dataset = data_module.LandmarkDataset([case], augment=augment, rotation_deg=0.0, flip_prob=0.0,
+                                              crop_size=32, crop_margin=5)
+        for epoch in range(4):
+            dataset.set_epoch(epoch)
+            item = dataset[0]
+            cropped, moved = item["volume"][0].numpy(), item["landmarks_vox"].numpy()
+            assert cropped.shape == (32, 32, 32)
+            assert (moved >= 5).all() and (moved <= 31 - 5).all()
+            for n, point in enumerate(moved):
+                assert cropped[tuple(np.round(point).astype(int))] == n + 1.0

@@ -1,0 +1,163 @@
+"""Regenerate the report end to end: data → 00 → 01 → 02 (once per training) → 03 → 04.
+
+    python -m igrpn.reproduce --profile cpu --out report          (what `make reproduce` runs)
+    python -m igrpn.reproduce --profile smoke --out build/smoke/report
+
+lays out ``OUT`` as ``REPORT.md``, ``tables/``, ``figures/``, ``predictions/``, ``notebooks/``
+(executed ``.ipynb`` and their ``.html``) and ``runs/`` (checkpoints and logs). A training whose
+checkpoint already holds all epochs of the same configuration is reused (``--force`` redoes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from igrpn.config import RUN_CONFIGS, get_profile
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO_ROOT / "notebooks"
+
+
+class ReproduceError(RuntimeError):
+    """A step of the reproduction failed; the message names the notebook and the failing cell."""
+
+
+def default_manifest(profile_name: str) -> Path:
+    """The committed manifest for the full-size profiles; the smoke data set lives in build/."""
+    profile = get_profile(profile_name)
+    if profile.phantom_n == get_profile("cpu").phantom_n and profile.phantom_grid == 128:
+        return REPO_ROOT / "data_manifest.csv"
+    return REPO_ROOT / profile.data_dir / "data_manifest.csv"
+
+
+def run_notebook(name: str, output: Path, parameters: dict, progress: bool = True) -> None:
+    """Execute ``notebooks/<name>`` with papermill into ``output`` and render it to HTML."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        papermill.execute_notebook(str(NOTEBOOKS / name), str(output), parameters=parameters,
+                                   cwd=str(NOTEBOOKS), progress_bar=False, log_output=False,
+                                   kernel_name="python3")
+    except PapermillExecutionError as error:
+        raise ReproduceError(
+            f"notebook {name} failed in cell {error.exec_count}: {error.ename}: {error.evalue}"
+            f" (executed copy: {output})"
+        ) from None
+    render_html(output)
+
+
+def render_html(notebook_path: Path) -> Path:
+    """Write ``notebook_path`` as a self-contained HTML page beside it."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook_path, as_version=4))
+    html = notebook_path.with_suffix(".html")
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def finished_run(run_dir: Path, profile_name: str, method: str, iou_balance: bool, seed: int) -> bool:
+    """True when ``run_dir`` holds a checkpoint of this configuration with every epoch done."""
+    from igrpn.train import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(run_dir / "checkpoint.pt", method=method)
+    except CheckpointError:
+        return False
+    config = ckpt["config"]
+    profile = get_profile(profile_name)
+    return (config["profile"] == profile.to_dict() and config["iou_balance"] == iou_balance
+            and config["seed"] == seed and ckpt["epoch"] == profile.epochs - 1)
+
+
+def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifest: str | Path | None = None,
+              force: bool = False, seed: int = 0, runs: list[str] | None = None,
+              progress: bool = True) -> Path:
+    """Run every step and write ``out_dir/REPORT.md``; returns its path."""
+    from igrpn.phantom import ensure_dataset
+    from igrpn.report import write_report
+
+    profile = get_profile(profile_name)
+    out_dir = Path(out_dir).resolve()
+    manifest = Path(manifest).resolve() if manifest else default_manifest(profile_name)
+    runs = list(RUN_CONFIGS) if runs is None else runs
+    unknown = set(runs) - set(RUN_CONFIGS)
+    if unknown:
+        raise ValueError(f"unknown runs {sorted(unknown)}; expected some of {list(RUN_CONFIGS)}")
+    for sub in ("tables", "figures", "notebooks", "runs", "predictions"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    common = {"profile": profile_name, "manifest": str(manifest), "report_dir": str(out_dir)}
+    steps: list[dict] = []
+
+    def timed(step: str, action, reused: bool = False) -> None:
+        if progress:
+            print(f"[reproduce] {step} ...", flush=True)
+        start = time.perf_counter()
+        action()
+        seconds = time.perf_counter() - start
+        steps.append({"step": step, "seconds": round(seconds, 1), "reused": reused})
+        if progress:
+            print(f"[reproduce] {step} done in {seconds:.0f} s", flush=True)
+
+    nb_dir = out_dir / "notebooks"
+    timed("data", lambda: ensure_dataset(manifest, profile, progress=progress))
+    timed("00_data", lambda: run_notebook("00_data.ipynb", nb_dir / "00_data.ipynb", common, progress))
+    timed("01_graph_prior", lambda: run_notebook("01_graph_prior.ipynb", nb_dir / "01_graph_prior.ipynb",
+                                                 common, progress))
+    for run in runs:
+        method, iou_balance = RUN_CONFIGS[run]
+        run_dir = out_dir / "runs" / run
+        if force and run_dir.exists():
+            shutil.rmtree(run_dir)
+        reused = finished_run(run_dir, profile_name, method, iou_balance, seed)
+        parameters = dict(common, method=method, iou_balance=iou_balance, seed=seed, run=run)
+        timed(f"02_train {run}", lambda p=parameters, r=run: run_notebook(
+            "02_train.ipynb", nb_dir / f"02_train_{r}.ipynb", p, progress), reused=reused)
+    timed("03_evaluate", lambda: run_notebook("03_evaluate.ipynb", nb_dir / "03_evaluate.ipynb", common, progress))
+    if (NOTEBOOKS / "04_visualize.ipynb").exists():
+        timed("04_visualize", lambda: run_notebook("04_visualize.ipynb", nb_dir / "04_visualize.ipynb",
+                                                   common, progress))
+    (out_dir / "steps.json").write_text(json.dumps(steps, indent=2))
+    return write_report(out_dir, profile, steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m igrpn.reproduce",
+        description="Regenerate the data set, the trainings, Table 1, Table 2, the figures and REPORT.md.",
+        epilog="example: python -m igrpn.reproduce --profile cpu --out report",
+    )
+    parser.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
+    parser.add_argument("--out", default=None, help="report folder (default: report/ for cpu, "
+                        "build/<profile>/report otherwise)")
+    parser.add_argument("--manifest", default=None, help="data set manifest (default: the profile's)")
+    parser.add_argument("--force", action="store_true", help="retrain even when a finished checkpoint exists")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", nargs="+", default=None, choices=list(RUN_CONFIGS),
+                        help="only these trainings (default: all six)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = args.out or ("report" if args.profile == "cpu" else f"build/{args.profile}/report")
+    try:
+        path = reproduce(args.profile, out, manifest=args.manifest, force=args.force, seed=args.seed,
+                         runs=args.runs)
+    except ReproduceError as error:
+        print(f"reproduce: {error}", file=sys.stderr)
+        return 1
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
