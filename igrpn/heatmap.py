@@ -8,22 +8,24 @@ would add a 3×3×3 convolution over every input voxel, several times the cost o
 decoder, for a landmark that the sub-voxel refinement places to well under a voxel anyway.
 ``profile.extra["heatmap_stride"] = 1`` gives the full-resolution decoder.
 
-Targets (decision): a Gaussian of σ = ``profile.heatmap_sigma_mm / spacing_mm`` input voxels with
-peak 1 at each landmark, multiplied by ``TARGET_SCALE = 100`` (as Payer et al. 2019) so that the
-mean-squared error over a volume that is almost all background does not make "predict zero
-everywhere" a near-optimal answer. Scores and refinement divide the scale out again.
+Targets and loss (decision): a Gaussian of σ = ``profile.heatmap_sigma_mm / spacing_mm`` input
+voxels with peak 1 at each landmark (as Payer et al.), and a foreground-balanced mean-squared error
+(:func:`balanced_mse`): each voxel's squared error is weighted by ``1 + λ·target`` with λ chosen
+per heatmap so that the Gaussian carries as much weight as the whole volume. Plain MSE over a volume
+that is > 99.9 % background makes "predict zero everywhere" a near-optimal answer. Scaling the
+targets (e.g. ×100) is the other common remedy; under SGD it amounts to a larger step, but under
+Adam (our optimiser, whose steps do not depend on the loss scale) it only asks the last layer to
+grow 100×, which takes far more steps than a profile's budget, so we reweight rather than rescale.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .config import NUM_LANDMARKS, Profile
-
-#: Multiplier of the unit-peak Gaussian targets (the network regresses 100 × Gaussian).
-TARGET_SCALE = 100.0
+from igrpn.config import NUM_LANDMARKS, Profile
+from igrpn.model import Backbone, LandmarkModel, _conv_bn_relu, pad_to_multiple
 
 
 def cell_centres_vox(size: int, stride: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -70,6 +72,33 @@ def heatmap_targets(
     return px[..., :, None, None] * py[..., None, :, None] * pz[..., None, None, :]
 
 
+def balanced_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Foreground-balanced mean-squared error between heatmaps.
+
+    Per heatmap, voxel v has weight ``1 + λ·target_v`` with ``λ = V / Σ_v target_v`` (V voxels),
+    so the background and the Gaussian each carry half of the weight ``2V``; the result is
+    ``Σ_v w_v (pred_v − target_v)² / (2V)`` averaged over heatmaps (0 for a perfect prediction).
+
+    Args:
+        pred, target: (N, L, X, Y, Z); target ≥ 0 (unit-peak Gaussians).
+
+    Returns:
+        scalar.
+    """
+    if pred.shape != target.shape or pred.ndim != 5:
+        raise ValueError(
+            f"balanced_mse: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have "
+            "the same shape (N, L, X, Y, Z)"
+        )
+    target = target.to(pred.dtype)
+    num_voxels = target[0, 0].numel()
+    # λ per heatmap; a heatmap whose Gaussian lies wholly outside the grid gets plain MSE.
+    mass = target.flatten(2).sum(-1)[..., None, None, None]
+    balance = num_voxels / mass.clamp_min(1e-6) * (mass > 1e-6)
+    weights = 1.0 + balance * target
+    return (weights * (pred - target) ** 2).flatten(2).sum(-1).div(2.0 * num_voxels).mean()
+
+
 def refine_argmax(heatmaps: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """Sub-voxel arg-max of each heatmap.
 
@@ -95,7 +124,7 @@ def refine_argmax(heatmaps: torch.Tensor, stride: int = 1) -> torch.Tensor:
     strides = (size[1] * size[2], size[2], 1)
     cell = torch.stack([(index // s) % d for s, d in zip(strides, size)], dim=-1)  # (N, L, 3)
 
-    floor = (peaks.abs() * 1e-3).clamp_min(1e-12)[..., None]  # (N, L, 1)
+    floor = (peaks.abs() * 1e-3).clamp_min(1e-12)  # (N, L): keeps the logs finite
     offsets = []
     for axis in range(3):
         lower_ok = cell[..., axis] > 0
@@ -104,10 +133,93 @@ def refine_argmax(heatmaps: torch.Tensor, stride: int = 1) -> torch.Tensor:
         # Neighbours along this axis (index clamped where missing; masked out below).
         lower = flat.gather(-1, (index - step * lower_ok)[..., None])[..., 0]
         upper = flat.gather(-1, (index + step * upper_ok)[..., None])[..., 0]
-        log_m, log_0, log_p = (torch.log(torch.maximum(v[..., None], floor))[..., 0] for v in (lower, peaks, upper))
+        log_m, log_0, log_p = (torch.log(torch.maximum(v, floor)) for v in (lower, peaks, upper))
         curvature = log_m - 2.0 * log_0 + log_p  # ≤ 0 at a maximum
         valid = lower_ok & upper_ok & (curvature < 0)
         vertex = 0.5 * (log_m - log_p) / torch.where(valid, curvature, torch.ones_like(curvature))
         offsets.append(torch.where(valid, vertex.clamp(-0.5, 0.5), torch.zeros_like(vertex)))
     refined_cell = cell.float() + torch.stack(offsets, dim=-1)
     return refined_cell * stride + (stride - 1) / 2.0
+
+
+class HeatmapModel(LandmarkModel):
+    """Heatmap regression on the shared backbone (see the module docstring).
+
+    Decoder: the backbone's ``fused`` map (block 4 upsampled and concatenated with block 3, then a
+    conv: the first U-Net stage) -> conv -> upsample to block 2, concatenate, two convs
+    [-> upsample to block 1, concatenate, two convs when ``output_stride`` is 1] -> 1×1×1 conv to
+    five heatmaps. ``forward`` returns ``heatmaps`` (N, 5, ceil(X/s), ceil(Y/s), ceil(Z/s)),
+    s = ``output_stride``, the unit-peak Gaussians' units.
+    """
+
+    method = "heatmap"
+
+    def __init__(self, profile: Profile, iou_balance: bool = True):
+        # iou_balance is accepted for a uniform interface; a heatmap has no classification loss.
+        super().__init__(profile, iou_balance)
+        self.output_stride = int(profile.extra.get("heatmap_stride", 2))
+        if self.output_stride not in (1, 2):
+            raise ValueError(
+                f"profile {profile.name!r}: extra['heatmap_stride'] must be 1 or 2, got {self.output_stride}"
+            )
+        self.sigma_vox = profile.heatmap_sigma_mm / profile.spacing_mm
+        self.backbone = Backbone(profile.width)
+        w = profile.width
+        self.stage4 = nn.Sequential(*_conv_bn_relu(4 * w, 4 * w))
+        self.stage2 = nn.Sequential(*_conv_bn_relu(4 * w + 2 * w, 2 * w), *_conv_bn_relu(2 * w, 2 * w))
+        if self.output_stride == 1:
+            self.stage1 = nn.Sequential(*_conv_bn_relu(2 * w + w, w), *_conv_bn_relu(w, w))
+        self.out = nn.Conv3d(2 * w if self.output_stride == 2 else w, NUM_LANDMARKS, kernel_size=1)
+        # Small initial outputs: the first predictions are near-flat, not noise.
+        nn.init.normal_(self.out.weight, std=0.001)
+        nn.init.zeros_(self.out.bias)
+
+    @staticmethod
+    def _up_concat(coarse: Tensor, skip: Tensor) -> Tensor:
+        """Upsample ``coarse`` trilinearly to ``skip``'s grid and concatenate along channels."""
+        upsampled = F.interpolate(coarse, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return torch.cat([upsampled, skip], dim=1)
+
+    def forward(self, volumes: Tensor) -> dict[str, Tensor]:
+        """volumes: (N, 1, X, Y, Z), padded here to multiples of 8 (high end); the heatmaps are
+        cropped back to the unpadded extent."""
+        shape = volumes.shape[2:]
+        features = self.backbone(pad_to_multiple(volumes))
+        x = self.stage4(features["fused"])
+        x = self.stage2(self._up_concat(x, features["block2"]))
+        if self.output_stride == 1:
+            x = self.stage1(self._up_concat(x, features["block1"]))
+        heatmaps = self.out(x)
+        s = self.output_stride
+        heatmaps = heatmaps[:, :, : -(-shape[0] // s), : -(-shape[1] // s), : -(-shape[2] // s)]
+        return {"heatmaps": heatmaps}
+
+    def loss(self, outputs: dict[str, Tensor], landmarks_vox: Tensor) -> dict[str, Tensor]:
+        """:func:`balanced_mse` against unit-peak Gaussians of σ = ``heatmap_sigma_mm / spacing_mm``
+        voxels; ``mean_dist_vox`` (for the log) is the distance of the refined arg-max to the
+        landmark, voxels."""
+        heatmaps = outputs["heatmaps"]
+        landmarks_vox = self._check_landmarks(torch.as_tensor(landmarks_vox, device=heatmaps.device), heatmaps.shape[0])
+        input_shape = [n * self.output_stride for n in heatmaps.shape[2:]]
+        targets = heatmap_targets(landmarks_vox, input_shape, self.sigma_vox, self.output_stride)
+        loss = balanced_mse(heatmaps, targets)
+        with torch.no_grad():
+            distance = torch.linalg.norm(refine_argmax(heatmaps, self.output_stride) - landmarks_vox, dim=-1)
+        return {"loss": loss, "loss_heatmap": loss.detach(), "mean_dist_vox": distance.mean()}
+
+    @torch.no_grad()
+    def candidates(self, outputs: dict[str, Tensor], top_k: int | None = None) -> list[list[tuple[Tensor, Tensor]]]:
+        """One candidate per landmark: the GT-sized cube centred at the refined arg-max, scored by
+        the heatmap's peak value (≈ 1 for a confident peak). ``top_k`` = 0 gives none.
+
+        Returns ``[volume][landmark] = (boxes (n, 6) centre form voxels, scores (n,))``, n ≤ 1."""
+        top_k = self.profile.top_k if top_k is None else int(top_k)
+        heatmaps = outputs["heatmaps"].float()
+        points = refine_argmax(heatmaps, self.output_stride)  # (N, 5, 3)
+        peaks = heatmaps.flatten(2).amax(dim=-1)  # (N, 5)
+        boxes = self.gt_boxes(points)  # (N, 5, 6)
+        n = min(top_k, 1)
+        return [
+            [(boxes[b, c, None][:n], peaks[b, c, None][:n]) for c in range(NUM_LANDMARKS)]
+            for b in range(heatmaps.shape[0])
+        ]

@@ -254,6 +254,8 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
+        # The anchor sampler is seeded by the number of loss calls: continue its sequence.
+        model._sampling_calls = global_step
         # Rows logged after the last checkpoint belong to an epoch that is redone.
         log_rows = [r for r in read_log(log_path) if int(r["step"]) <= global_step]
     last_epoch = profile.epochs if max_epochs is None else min(profile.epochs, max_epochs)
@@ -278,7 +280,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
             optimizer.step()
             global_step += 1
-            values = {k: float(v) for k, v in losses.items()}
+            values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value
             log_rows.append({"kind": "step", "epoch": epoch, "step": global_step, "lr": lr,

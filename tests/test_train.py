@@ -1,0 +1,95 @@
+"""Training on the smoke profile: the loss falls, checkpoints are safe and a killed run resumes."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from igrpn import train
+from igrpn.config import get_profile
+
+
+@pytest.fixture(scope="module")
+def profile():
+    # A few more epochs than `smoke` so a falling loss is visible; still seconds.
+    return dataclasses.replace(get_profile("smoke"), epochs=4, lr=3e-3)
+
+
+def test_run_name_and_validation_split_are_deterministic():
+    assert train.run_name("rpn", True) == "rpn_ib"
+    assert train.run_name("ssd", False) == "ssd_noib"
+    assert train.run_name("heatmap", True) == "heatmap"
+    ids = [f"c{i}" for i in range(20)]
+    first = train.split_train_val(ids, 0.1, seed=3)
+    assert first == train.split_train_val(ids, 0.1, seed=3)
+    train_ids, val_ids = first
+    assert len(val_ids) == 2 and not set(train_ids) & set(val_ids) and set(train_ids) | set(val_ids) == set(ids)
+
+
+def test_learning_rate_warms_up_then_decays():
+    rates = [train.learning_rate(step, 100, 1.0) for step in range(100)]
+    assert rates[0] < rates[4] <= 1.0
+    assert rates[-1] < 0.1 and all(a >= b - 1e-12 for a, b in zip(rates[5:], rates[6:]))
+
+
+def test_rpn_training_loss_falls_and_checkpoint_loads_weights_only(smoke_manifest, profile, tmp_path):
+    path = train.train(profile, method="rpn", seed=0, out_dir=tmp_path / "run", manifest=smoke_manifest,
+                       progress=False)
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    epochs = log[log["kind"] == "epoch"]
+    assert len(epochs) == profile.epochs
+    assert epochs["loss"].iloc[-1] < epochs["loss"].iloc[0]
+    assert epochs["val_d_mean_mm"].notna().all()
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["method"] == "rpn" and ckpt["config"]["profile"]["name"] == "smoke"
+    assert ckpt["global_step"] == int(log["step"].max())
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_interrupted_training_resumes_to_the_same_steps_and_weights(smoke_manifest, profile, tmp_path):
+    whole = train.train(profile, method="rpn", seed=1, out_dir=tmp_path / "whole", manifest=smoke_manifest,
+                        progress=False)
+    # "Killed" after two epochs, then started again with the same command.
+    train.train(profile, method="rpn", seed=1, out_dir=tmp_path / "cut", manifest=smoke_manifest,
+                progress=False, max_epochs=2)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = train.train(profile, method="rpn", seed=1, out_dir=tmp_path / "cut", manifest=smoke_manifest,
+                          progress=False)
+    a = torch.load(whole, weights_only=True)
+    b = torch.load(resumed, weights_only=True)
+    assert a["global_step"] == b["global_step"]
+    log = pd.read_csv(tmp_path / "cut" / "log.csv")
+    steps = log.loc[log["kind"] == "step", "step"]
+    assert steps.is_unique and steps.max() == a["global_step"]
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, msg=f"parameter {name} differs after resume")
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(smoke_manifest, profile, tmp_path):
+    train.train(profile, method="rpn", seed=0, out_dir=tmp_path / "run", manifest=smoke_manifest,
+                progress=False, max_epochs=1)
+    with pytest.raises(train.CheckpointError, match="another configuration"):
+        train.train(profile, method="rpn", iou_balance=False, seed=0, out_dir=tmp_path / "run",
+                    manifest=smoke_manifest, progress=False)
+    with pytest.raises(train.CheckpointError, match="method 'rpn', not 'ssd'"):
+        train.load_checkpoint(tmp_path / "run" / "checkpoint.pt", method="ssd")
+
+
+@pytest.mark.parametrize("method", ["ssd", "faster_rcnn", "heatmap"])
+def test_baselines_train_through_the_same_loop(smoke_manifest, method, tmp_path):
+    profile = dataclasses.replace(get_profile("smoke"), epochs=1)
+    path = train.train(profile, method=method, seed=0, out_dir=tmp_path / method, manifest=smoke_manifest,
+                       progress=False)
+    assert torch.load(path, weights_only=True)["method"] == method
+
+
+def test_anchor_coverage_reports_every_landmark(smoke_manifest):
+    from igrpn.data import load_cases, read_manifest
+
+    profile = get_profile("smoke")
+    table = read_manifest(smoke_manifest)
+    cases = load_cases(table[table["split"] == "train"].head(2), profile.spacing_mm, progress=False)
+    coverage = train.anchor_coverage(cases, profile)
+    assert len(coverage) == 2 * 5
+    assert coverage["best_iou"].between(0, 1).all() and (coverage["num_positive"] >= 1).all()
