@@ -58,7 +58,8 @@ class Profile:
     phantom_n_test: int = 32
     phantom_grid: int = 128
     phantom_spacing_mm: float = PAPER_SPACING_MM
-    data_dir: str = "data/phantom"
+    manifest: str = "data_manifest.csv"  # default data set, relative to the repository
+    data_dir: str = "data/phantom"  # where its volumes are generated, relative to the manifest
     extra: dict = field(default_factory=dict)
 
     def mm_to_vox(self, mm):
@@ -86,7 +87,8 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke", spacing_mm=5.2, width=4, epochs=2, batch_size=2, lr=2e-3,
         samples_per_volume=64, phantom_n=12, phantom_n_test=4, phantom_grid=64,
-        phantom_spacing_mm=2.6, data_dir="build/smoke/data", val_fraction=0.25,
+        phantom_spacing_mm=2.6, manifest="build/smoke/data/data_manifest.csv", data_dir=".",
+        val_fraction=0.25,
     ),
     # make reproduce: all of Table 1 and 2 on a 2-core CPU, half the paper's resolution.
     "cpu": Profile(

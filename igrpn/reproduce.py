@@ -28,11 +28,8 @@ class ReproduceError(RuntimeError):
 
 
 def default_manifest(profile_name: str) -> Path:
-    """The committed manifest for the full-size profiles; the smoke data set lives in build/."""
-    profile = get_profile(profile_name)
-    if profile.phantom_n == get_profile("cpu").phantom_n and profile.phantom_grid == 128:
-        return REPO_ROOT / "data_manifest.csv"
-    return REPO_ROOT / profile.data_dir / "data_manifest.csv"
+    """The profile's data set: the committed manifest for `cpu` and `paper`, build/ for `smoke`."""
+    return REPO_ROOT / get_profile(profile_name).manifest
 
 
 def run_notebook(name: str, output: Path, parameters: dict, progress: bool = True) -> None:
