@@ -32,14 +32,21 @@ def default_manifest(profile_name: str) -> Path:
     return REPO_ROOT / get_profile(profile_name).manifest
 
 
-def run_notebook(name: str, output: Path, parameters: dict, progress: bool = True) -> None:
-    """Execute ``notebooks/<name>`` with papermill into ``output`` and render it to HTML."""
+def run_notebook(name: str | Path, output: Path, parameters: dict, progress: bool = True) -> None:
+    """Execute ``notebooks/<name>`` (or the notebook at an absolute path) with papermill into
+    ``output`` and render it to HTML.
+
+    Raises:
+        ReproduceError: naming the notebook, the failing cell and its error.
+    """
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    source = NOTEBOOKS / name
+    name = source.name
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(str(NOTEBOOKS / name), str(output), parameters=parameters,
+        papermill.execute_notebook(str(source), str(output), parameters=parameters,
                                    cwd=str(NOTEBOOKS), progress_bar=False, log_output=False,
                                    kernel_name="python3")
     except PapermillExecutionError as error:

@@ -1,0 +1,49 @@
+"""The whole `smoke` reproduction under papermill, and a failing notebook's message."""
+
+import json
+
+import nbformat
+import pandas as pd
+import pytest
+
+from igrpn import reproduce
+
+
+def test_smoke_reproduction_end_to_end(smoke_manifest, tmp_path):
+    out = tmp_path / "report"
+    report = reproduce.reproduce("smoke", out, manifest=smoke_manifest, progress=False)
+    text = report.read_text()
+    assert "synthetic fetal-face ultrasound phantom" in text
+    assert "## Table 1" in text and "## Table 2" in text
+    for name in ("table1", "table2", "claims"):
+        assert (out / "tables" / f"{name}.csv").exists() and (out / "tables" / f"{name}.md").exists()
+    table1, table2 = pd.read_csv(out / "tables" / "table1.csv"), pd.read_csv(out / "tables" / "table2.csv")
+    assert list(table1["method"]) == ["Faster R-CNN", "IG-SSD", "Heatmap", "IG-RPN"]
+    assert len(table2) == 8 and (table1["status"] == "ok").all() and (table2["status"] == "ok").all()
+    for column in ("method", "iou_balance", "prior", "ap", "ap35", "ap50", "ap75", "miou", "d_mean",
+                   "time_ms", "hit35", "hit50", "hit75", "d_mean_lo", "d_mean_hi", "paper_d_mean"):
+        assert column in table1.columns
+    # the paper's numbers sit beside ours
+    assert table1.loc[table1["method"] == "IG-RPN", "paper_d_mean"].item() == pytest.approx(4.38)
+    executed = sorted(p.name for p in (out / "notebooks").glob("*.ipynb"))
+    assert "00_data.ipynb" in executed and "03_evaluate.ipynb" in executed
+    assert len([n for n in executed if n.startswith("02_train_")]) == 6
+    assert all((out / "notebooks" / n).with_suffix(".html").exists() for n in executed)
+    assert (out / "runs" / "graph_prior.json").exists()
+    steps = json.loads((out / "steps.json").read_text())
+    assert not any(step["reused"] for step in steps)
+
+    # A second run reuses every finished training.
+    reproduce.reproduce("smoke", out, manifest=smoke_manifest, progress=False, runs=["rpn_ib"])
+    steps = json.loads((out / "steps.json").read_text())
+    assert [s["reused"] for s in steps if s["step"].startswith("02_train")] == [True]
+
+
+def test_a_failing_notebook_stops_with_its_name_and_error(tmp_path):
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('bad landmark')")]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "99_broken.ipynb"
+    nbformat.write(notebook, path)
+    with pytest.raises(reproduce.ReproduceError, match=r"99_broken.ipynb failed in cell 2: ValueError: bad landmark"):
+        reproduce.run_notebook(path, tmp_path / "out" / "99_broken.ipynb", {})
