@@ -7,6 +7,12 @@ optimiser step and one per epoch). A run whose ``DIR/checkpoint.pt`` already exi
 configuration resumes after the last finished epoch and ends with the same number of optimiser
 steps as an uninterrupted run.
 
+Data-parallel training on several GPUs (or CPU processes) is started with torchrun, e.g.
+``torchrun --nproc_per_node=4 -m igrpn.train --profile paper --method rpn --out DIR``: each process
+trains on a disjoint shard of the training set with DistributedDataParallel, the learning rate is
+scaled linearly with the number of processes (the global batch is ``batch_size × world_size``), and
+rank 0 alone validates and writes the log and the checkpoints (see :mod:`igrpn.distributed`).
+
 Optimiser: AdamW with a short linear warm-up and a cosine decay. Adam needs no per-method tuning of
 the step size across the four detectors (their losses have very different scales), and the cosine
 schedule ends every run at a small learning rate whatever the epoch budget, which matters when a
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import itertools
 import math
 import os
 import random
@@ -28,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from igrpn import config
+from igrpn import config, distributed
 from igrpn.config import Profile, get_profile
 
 #: Bumped whenever the checkpoint layout changes; older or newer files are refused.
@@ -144,7 +152,8 @@ def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
     return ckpt
 
 
-def _run_config(profile: Profile, method: str, iou_balance: bool, seed: int, manifest: Path) -> dict:
+def _run_config(profile: Profile, method: str, iou_balance: bool, seed: int, manifest: Path,
+                world_size: int = 1, max_steps_per_epoch: int | None = None) -> dict:
     """Everything that defines a training run, as plain data (stored in the checkpoint)."""
     return {
         "profile": profile.to_dict(),
@@ -152,12 +161,23 @@ def _run_config(profile: Profile, method: str, iou_balance: bool, seed: int, man
         "iou_balance": bool(iou_balance),
         "seed": int(seed),
         "manifest": str(manifest),
+        "world_size": int(world_size),
+        "max_steps_per_epoch": max_steps_per_epoch,
     }
 
 
+#: Run-config keys that must match to resume, with the value a checkpoint without the key had.
+_RESUME_KEYS = {"profile": None, "method": None, "iou_balance": None, "seed": None,
+                "world_size": 1, "max_steps_per_epoch": None}
+
+
+def _run_differences(a: dict, b: dict) -> list[str]:
+    """The resume-relevant keys on which two run configs differ."""
+    return [k for k, default in _RESUME_KEYS.items() if a.get(k, default) != b.get(k, default)]
+
+
 def _same_run(a: dict, b: dict) -> bool:
-    keys = ("profile", "method", "iou_balance", "seed")
-    return all(a.get(k) == b.get(k) for k in keys)
+    return not _run_differences(a, b)
 
 
 @torch.no_grad()
@@ -167,15 +187,16 @@ def validate(model, cases, profile: Profile) -> dict:
     from igrpn.data import collate
 
     model.eval()
-    box_vox = torch.tensor([profile.mm_to_vox(b) for b in profile.gt_box_mm], dtype=torch.float32)
+    device = next(model.parameters()).device
+    box_vox = torch.tensor([profile.mm_to_vox(b) for b in profile.gt_box_mm], dtype=torch.float32, device=device)
     distances, hits = [], []
     for case in cases:
         batch = collate([{"volume": torch.from_numpy(case.volume)[None],
                           "landmarks_vox": torch.as_tensor(case.landmarks_vox, dtype=torch.float32),
                           "case_id": case.case_id}])
-        outputs = model(batch["volume"])
+        outputs = model(batch["volume"].to(device))
         per_landmark = model.candidates(outputs, top_k=1)[0]
-        gt_boxes = landmark_boxes(batch["landmarks_vox"][0], box_vox)
+        gt_boxes = landmark_boxes(batch["landmarks_vox"][0].to(device), box_vox)
         for index, (boxes, _scores) in enumerate(per_landmark):
             if len(boxes) == 0:
                 distances.append(float("nan"))
@@ -198,6 +219,8 @@ def train(
     resume: bool = True,
     progress: bool = True,
     max_epochs: int | None = None,
+    device: str = "cpu",
+    max_steps_per_epoch: int | None = None,
 ) -> Path:
     """Train one model and return the path of its checkpoint.
 
@@ -211,18 +234,36 @@ def train(
         resume: continue from ``out_dir/checkpoint.pt`` when it is of the same configuration.
         max_epochs: stop after this many epochs in total (for tests of interruption); the learning
             rate schedule still follows ``profile.epochs``.
+        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available). On CUDA, forward and loss run
+            under bf16 autocast. Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel, see
+            :mod:`igrpn.distributed`; the checkpoint is the same as a single process's.
+        max_steps_per_epoch: cut every epoch to at most this many optimiser steps (benchmarks and
+            quick checks; part of the run's configuration, the schedule follows the cut epochs).
     """
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    if method not in config.METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {config.METHODS}")
+    if max_steps_per_epoch is not None and max_steps_per_epoch < 1:
+        raise ValueError(f"max_steps_per_epoch must be >= 1, got {max_steps_per_epoch}")
+    context = distributed.init_distributed(device)
+    try:
+        return _train(profile, method, iou_balance, seed, Path(out_dir), Path(manifest).resolve(), resume,
+                      progress and context.is_main, max_epochs, max_steps_per_epoch, context)
+    finally:
+        if context.created_group:
+            distributed.cleanup()
+
+
+def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir: Path, manifest: Path,
+           resume: bool, progress: bool, max_epochs: int | None, max_steps_per_epoch: int | None,
+           context: distributed.DistributedContext) -> Path:
+    """The body of :func:`train` in one process of a (possibly one-process) group."""
     from tqdm.auto import tqdm
 
     from igrpn.data import LandmarkDataset, collate, load_cases, read_manifest
     from igrpn.model import build_model
 
-    profile = get_profile(profile) if isinstance(profile, str) else profile
-    if method not in config.METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {config.METHODS}")
-    out_dir = Path(out_dir)
-    manifest = Path(manifest).resolve()
-    run_config = _run_config(profile, method, iou_balance, seed, manifest)
+    run_config = _run_config(profile, method, iou_balance, seed, manifest, context.world_size, max_steps_per_epoch)
     ckpt_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / LOG_NAME
 
     seed_everything(seed)
@@ -234,21 +275,27 @@ def train(
     train_cases = [by_id[i] for i in train_ids]
     val_cases = [by_id[i] for i in val_ids]
 
-    model = build_model(method, profile, iou_balance=iou_balance)
+    model = distributed.place_model(build_model(method, profile, iou_balance=iou_balance), context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
     dataset = LandmarkDataset(train_cases, augment=True, rotation_deg=profile.rotation_deg,
                               flip_prob=profile.flip_prob, seed=seed,
                               crop_size=None if profile.crop_mm is None else round(profile.crop_mm / profile.spacing_mm),
                               crop_margin=max(profile.mm_to_vox(profile.gt_box_mm)) / 2)
-    steps_per_epoch = math.ceil(len(dataset) / profile.batch_size)
+    sampler = distributed.shard_sampler(dataset, context, seed) if context.distributed else None
+    steps_per_epoch = math.ceil((len(dataset) if sampler is None else len(sampler)) / profile.batch_size)
+    steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch or steps_per_epoch)
     total_steps = steps_per_epoch * profile.epochs
+    # Linear scaling rule (Goyal et al. 2017): the global batch is batch_size × world_size, so the
+    # step size grows with it; the schedule's warm-up eases the larger early steps.
+    base_lr = profile.lr * context.world_size
 
     start_epoch, global_step, log_rows = 0, 0, []
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, method=method)
         if not _same_run(ckpt["config"], run_config):
             raise CheckpointError(
-                f"{ckpt_path}: holds a run of another configuration; use another --out or delete it"
+                f"{ckpt_path}: holds a run of another configuration (differs in "
+                f"{', '.join(_run_differences(ckpt['config'], run_config))}); use another --out or delete it"
             )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -258,22 +305,38 @@ def train(
         model._sampling_calls = global_step
         # Rows logged after the last checkpoint belong to an epoch that is redone.
         log_rows = [r for r in read_log(log_path) if int(r["step"]) <= global_step]
+    # Every rank reads the same checkpoint: a multi-node run needs out_dir on a shared file system.
+    if not distributed.all_ranks_equal(start_epoch):
+        raise CheckpointError(f"{ckpt_path}: not visible alike to every process; put --out on a shared file system")
     last_epoch = profile.epochs if max_epochs is None else min(profile.epochs, max_epochs)
+    net = distributed.wrap_model(model, context)  # DDP in a group, else the model itself
+    on_cuda = context.device.type == "cuda"
+    if on_cuda:
+        # Cropped profiles give every batch the same shape: let cuDNN pick its fastest kernels once.
+        torch.backends.cudnn.benchmark = profile.crop_mm is not None
 
     model.train()
     for epoch in range(start_epoch, last_epoch):
         dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=profile.batch_size, shuffle=True, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        if sampler is None:
+            loader = DataLoader(dataset, batch_size=profile.batch_size, shuffle=True, collate_fn=collate,
+                                generator=torch.Generator().manual_seed(seed * 1000 + epoch), pin_memory=on_cuda)
+        else:
+            sampler.set_epoch(epoch)  # the permutation of this epoch, the same on every rank
+            loader = DataLoader(dataset, batch_size=profile.batch_size, sampler=sampler, collate_fn=collate,
+                                pin_memory=on_cuda)
         epoch_start, sums = time.perf_counter(), {}
-        bar = tqdm(loader, desc=f"{run_name(method, iou_balance)} epoch {epoch + 1}/{profile.epochs}",
+        bar = tqdm(itertools.islice(loader, steps_per_epoch), total=steps_per_epoch,
+                   desc=f"{run_name(method, iou_balance)} epoch {epoch + 1}/{profile.epochs}",
                    disable=not progress, leave=False)
         for batch in bar:
-            lr = learning_rate(global_step, total_steps, profile.lr)
+            lr = learning_rate(global_step, total_steps, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.perf_counter()
-            losses = model.loss(model(batch["volume"]), batch["landmarks_vox"])
+            volumes = batch["volume"].to(context.device, non_blocking=True)
+            with distributed.autocast(context.device):
+                losses = model.loss(net(volumes), batch["landmarks_vox"].to(context.device))
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             # Clipping keeps the first steps of the untuned heads from blowing up the BN statistics.
@@ -281,15 +344,19 @@ def train(
             optimizer.step()
             global_step += 1
             values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+            values = distributed.all_reduce_mean(values)  # means over the global batch (unchanged in one process)
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value
             log_rows.append({"kind": "step", "epoch": epoch, "step": global_step, "lr": lr,
                              "seconds": time.perf_counter() - step_start, **values})
             bar.set_postfix(loss=f"{values['loss']:.3f}")
-        n_steps = max(1, len(loader))
+        n_steps = max(1, min(len(loader), steps_per_epoch))
         row = {"kind": "epoch", "epoch": epoch, "step": global_step, "lr": lr,
                "seconds": time.perf_counter() - epoch_start,
                **{k: v / n_steps for k, v in sums.items()}}
+        if not context.is_main:
+            distributed.barrier()  # wait for rank 0's validation and checkpoint
+            continue
         row.update(validate(model, val_cases, profile))
         log_rows.append(row)
         if progress:
@@ -307,8 +374,10 @@ def train(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "world_size": context.world_size,
         }, ckpt_path)
         write_log(log_rows, log_path)
+        distributed.barrier()
     return ckpt_path
 
 
@@ -316,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m igrpn.train",
         description="Train one landmark detector (IG-RPN or a baseline) on a manifest's train split.",
-        epilog="example: python -m igrpn.train --profile cpu --method rpn --seed 0 --out report/runs/rpn_ib",
+        epilog="example: python -m igrpn.train --profile cpu --method rpn --seed 0 --out report/runs/rpn_ib\n"
+               "on 4 GPUs: torchrun --nproc_per_node=4 -m igrpn.train --profile paper --method rpn --out runs/rpn_ib",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--profile", default="cpu", choices=sorted(config.PROFILES))
     parser.add_argument("--method", default="rpn", choices=config.METHODS)
@@ -325,14 +396,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--manifest", default="data_manifest.csv", help="data set (default: %(default)s)")
     parser.add_argument("--out", required=True, help="folder for checkpoint.pt and log.csv")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    parser.add_argument("--device", default="auto", choices=distributed.DEVICE_CHOICES,
+                        help="auto: CUDA when available (bf16 autocast), else CPU (default: %(default)s)")
+    parser.add_argument("--epochs", type=_positive_int, default=None,
+                        help="override the profile's number of epochs (part of the run's configuration)")
+    parser.add_argument("--max-epochs", type=_positive_int, default=None,
+                        help="stop after this many epochs in total; the command without it later resumes the run")
+    parser.add_argument("--max-steps-per-epoch", type=_positive_int, default=None,
+                        help="cut every epoch to this many optimiser steps (benchmarks, quick checks)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = train(args.profile, method=args.method, iou_balance=not args.no_iou_balance, seed=args.seed,
-                 out_dir=args.out, manifest=args.manifest, resume=not args.no_resume)
-    print(f"checkpoint: {path}")
+    profile = get_profile(args.profile)
+    if args.epochs is not None:
+        profile = dataclasses.replace(profile, epochs=args.epochs)
+    path = train(profile, method=args.method, iou_balance=not args.no_iou_balance, seed=args.seed,
+                 out_dir=args.out, manifest=args.manifest, resume=not args.no_resume,
+                 max_epochs=args.max_epochs, device=args.device, max_steps_per_epoch=args.max_steps_per_epoch)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        print(f"checkpoint: {path}")
     return 0
 
 
