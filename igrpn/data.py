@@ -504,29 +504,41 @@ def rotation_matrix(angles_deg) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def rotate_sample(volume: torch.Tensor, landmarks_vox: np.ndarray, rotation: np.ndarray):
+def rotate_points(points_vox: np.ndarray, rotation: np.ndarray, shape) -> np.ndarray:
+    """Where :func:`rotate_sample` moves voxel positions (K, 3): ``R (p − c) + c``, c the centre."""
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    return (np.asarray(points_vox, dtype=np.float64) - centre) @ np.asarray(rotation, dtype=np.float64).T + centre
+
+
+def rotate_sample(volume: torch.Tensor, landmarks_vox: np.ndarray, rotation: np.ndarray,
+                  origin: Sequence[int] = (0, 0, 0), out_shape: Sequence[int] | None = None):
     """Rotate a volume and its landmarks by the same matrix about the volume's centre.
 
     A landmark at ``p`` moves to ``R (p − c) + c`` with ``c = (shape − 1) / 2``; the volume is
     resampled trilinearly so its content moves the same way (isotropic voxels, so a rotation of
     voxel indices is a rotation in mm). Voxels whose source lies outside the volume take the
-    volume's minimum.
+    volume's minimum. ``origin`` and ``out_shape`` resample only a window of the rotated volume
+    (a training crop costs then only its own voxels); landmarks are returned in that window.
 
     Args:
         volume: (X, Y, Z) float32 tensor.
         landmarks_vox: (K, 3) voxel positions.
         rotation: (3, 3) rotation matrix.
+        origin: first voxel of the window in the rotated volume.
+        out_shape: window shape (default: the whole volume).
 
     Returns:
-        (volume (X, Y, Z) float32 tensor, landmarks (K, 3) float64).
+        (volume (X', Y', Z') float32 tensor, landmarks (K, 3) float64).
     """
     shape = volume.shape[-3:]
+    out_shape = tuple(shape) if out_shape is None else tuple(int(n) for n in out_shape)
     centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
     rotation = np.asarray(rotation, dtype=np.float64)
-    landmarks = (np.asarray(landmarks_vox, dtype=np.float64) - centre) @ rotation.T + centre
+    offset = np.asarray(origin, dtype=np.float64)
+    landmarks = rotate_points(landmarks_vox, rotation, shape) - offset
 
     # Each output voxel q samples the input at R⁻¹ (q − c) + c = Rᵀ (q − c) + c (row form: (q − c) R).
-    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
+    axes = [torch.arange(n, dtype=torch.float32) + float(o) for n, o in zip(out_shape, offset)]
     index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (X, Y, Z, 3)
     centre_t = torch.as_tensor(centre, dtype=torch.float32)
     source = (index - centre_t) @ torch.as_tensor(rotation, dtype=torch.float32) + centre_t
@@ -624,23 +636,23 @@ class LandmarkDataset(Dataset):
 
     def _draw_rotation(self, rng: np.random.Generator, landmarks: np.ndarray, shape) -> np.ndarray | None:
         """A rotation keeping every landmark inside the volume, or None after too many misses."""
-        centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
         for _ in range(MAX_ROTATION_DRAWS):
             rotation = rotation_matrix(rng.uniform(-self.rotation_deg, self.rotation_deg, size=3))
-            if inside_volume((landmarks - centre) @ rotation.T + centre, shape).all():
+            if inside_volume(rotate_points(landmarks, rotation, shape), shape).all():
                 return rotation
         return None
 
-    def _crop(self, volume: torch.Tensor, landmarks: np.ndarray, rng: np.random.Generator | None):
-        """Cut a cube of ``crop_size`` voxels holding every landmark ``crop_margin`` inside.
+    def _crop_window(self, landmarks: np.ndarray, shape, rng: np.random.Generator | None):
+        """Origin and shape of a cube of ``crop_size`` voxels holding every landmark
+        ``crop_margin`` inside.
 
         The origin is drawn uniformly among the admissible ones per axis (centred on the
         landmarks when ``rng`` is None); where no origin keeps the margin, the crop is centred on
         the landmarks' extent, and an axis shorter than the crop is kept whole.
         """
-        origin = []
-        for axis, extent in enumerate(volume.shape):
-            size = min(self.crop_size, extent)
+        origin, window = [], []
+        for axis, extent in enumerate(shape):
+            size = min(self.crop_size, int(extent))
             low = np.ceil(landmarks[:, axis].max() + self.crop_margin - (size - 1))
             high = np.floor(landmarks[:, axis].min() - self.crop_margin)
             low, high = max(0.0, low), min(float(extent - size), high)
@@ -649,26 +661,32 @@ class LandmarkDataset(Dataset):
                 low = high = float(np.clip(round(centre - (size - 1) / 2), 0, extent - size))
             start = int(rng.integers(int(low), int(high) + 1)) if rng is not None else int((low + high) // 2)
             origin.append(start)
-        x, y, z = origin
-        sx, sy, sz = (min(self.crop_size, n) for n in volume.shape)
-        cropped = volume[x : x + sx, y : y + sy, z : z + sz]
-        return cropped, landmarks - np.asarray(origin, dtype=np.float64)
+            window.append(size)
+        return tuple(origin), tuple(window)
 
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
         volume = torch.tensor(np.asarray(case.volume), dtype=torch.float32)  # a copy: never touch the cache
         landmarks = np.asarray(case.landmarks_vox, dtype=np.float64)
+        rotation, flip_axes = None, []
         if self.augment:
             rng = np.random.default_rng((self.seed, self.epoch, int(index)))
             if self.rotation_deg > 0:
                 rotation = self._draw_rotation(rng, landmarks, volume.shape)
-                if rotation is not None:
-                    volume, landmarks = rotate_sample(volume, landmarks, rotation)
             flip_axes = np.flatnonzero(rng.random(3) < self.flip_prob)
-            volume, landmarks = flip_sample(volume, landmarks, flip_axes)
+        # Where the landmarks go decides the crop window; only that window is then resampled.
+        moved = landmarks if rotation is None else rotate_points(landmarks, rotation, volume.shape)
+        origin, window = (0, 0, 0), tuple(volume.shape)
         if self.crop_size is not None:
-            rng = np.random.default_rng((self.seed, self.epoch, int(index), 1)) if self.augment else None
-            volume, landmarks = self._crop(volume, landmarks, rng)
+            crop_rng = np.random.default_rng((self.seed, self.epoch, int(index), 1)) if self.augment else None
+            origin, window = self._crop_window(moved, volume.shape, crop_rng)
+        if rotation is not None:
+            volume, landmarks = rotate_sample(volume, landmarks, rotation, origin, window)
+        else:
+            x, y, z = origin
+            volume = volume[x : x + window[0], y : y + window[1], z : z + window[2]]
+            landmarks = landmarks - np.asarray(origin, dtype=np.float64)
+        volume, landmarks = flip_sample(volume, landmarks, flip_axes)
         return {
             "volume": volume.contiguous()[None],
             "landmarks_vox": torch.as_tensor(landmarks, dtype=torch.float32),

@@ -7,8 +7,10 @@ volume (voxel centres at integer indices). See docs/architecture.md for the inte
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -43,37 +45,211 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
+# --- CPU inference fast path ---------------------------------------------------------------------
+# Profiling the cpu profile's forward (torch.profiler, benchmarks/NOTES.md) showed three costs that
+# do not change the result: PyTorch's backend heuristic sends most batch-1 3D convolutions to the
+# slow im2col path (it only picks oneDNN above a 2D-tuned size), BatchNorm and ReLU are separate
+# passes over every activation, and the activations are reordered to oneDNN's blocked layout and
+# back around every convolution. At inference (eval mode, no autograd, CPU float32) the fast path
+# folds BatchNorm into the convolution's weights, runs each convolution with its ReLU as a single
+# oneDNN call on weights pre-packed for the input shape, and keeps activations channels-last.
+# Outputs equal the plain path's up to float rounding; training is untouched.
+
+#: The fast path is on unless the environment sets IGRPN_FAST_INFERENCE=0 (see :func:`fast_inference`).
+_FAST_INFERENCE = os.environ.get("IGRPN_FAST_INFERENCE", "1") != "0"
+#: Whether oneDNN's fused convolution op works in this PyTorch build (None: not tried yet).
+_ONEDNN_FUSED_OK: bool | None = None
+
+
+@contextlib.contextmanager
+def fast_inference(enabled: bool = True):
+    """Switch the CPU inference fast path on or off inside a ``with`` block (benchmarks, tests).
+
+    The fast path only ever applies in eval mode with autograd off (``torch.no_grad`` or
+    ``torch.inference_mode``) to CPU float32 tensors; it gives the plain path's outputs up to float
+    rounding (relative differences around 1e-6)."""
+    global _FAST_INFERENCE
+    previous, _FAST_INFERENCE = _FAST_INFERENCE, bool(enabled)
+    try:
+        yield
+    finally:
+        _FAST_INFERENCE = previous
+
+
+def fast_path_applies(module: nn.Module, x: Tensor) -> bool:
+    """True when ``module`` may run its inference fast path on ``x`` (N, C, X, Y, Z): the fast
+    path is switched on, ``module`` is in eval mode, autograd is off, ``x`` is CPU float32."""
+    return (_FAST_INFERENCE and not module.training and not torch.is_grad_enabled()
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 5)
+
+
+def _tensor_state(*tensors) -> tuple:
+    """Identity and in-place version of each tensor: changes when a weight is replaced (``.to``,
+    a new Parameter) or updated in place (optimiser step, ``load_state_dict``)."""
+    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+
+
+class _FoldedConv3d:
+    """An inference-time copy of a Conv3d with an optional eval-mode BatchNorm3d folded into its
+    weight and bias: ``bn(conv(x)) = conv'(x)`` with ``w' = w·γ/√(σ²+ε)`` per output channel and
+    ``b' = (b − µ)·γ/√(σ²+ε) + β``. ``__call__`` runs it (with an optional fused ReLU) through
+    oneDNN on channels-last activations, with the weight re-packed once per input shape."""
+
+    def __init__(self, conv: nn.Conv3d, bn: nn.BatchNorm3d | None):
+        weight = conv.weight.detach()
+        bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(weight.shape[0])
+        if bn is not None:
+            scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.detach()
+            bias = (bias - bn.running_mean.detach()) * scale
+            if bn.bias is not None:
+                bias = bias + bn.bias.detach()
+            weight = weight * scale[:, None, None, None, None]
+        self.weight, self.bias = weight.contiguous(), bias.contiguous()
+        self.padding, self.stride = list(conv.padding), list(conv.stride)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self._packed: dict[tuple, Tensor] = {}  # input shape -> oneDNN-packed weight
+
+    def __call__(self, x: Tensor, relu: bool) -> Tensor:
+        """x: (N, Cin, X, Y, Z) float32 CPU -> (N, Cout, X', Y', Z') channels-last."""
+        global _ONEDNN_FUSED_OK
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        if _ONEDNN_FUSED_OK is not False:
+            try:
+                out = self._onednn(x, relu)
+                _ONEDNN_FUSED_OK = True
+                return out
+            except (AttributeError, RuntimeError, TypeError):
+                if _ONEDNN_FUSED_OK:  # it worked before: a genuine error, not a missing op
+                    raise
+                _ONEDNN_FUSED_OK = False  # this build has no usable oneDNN op: plain conv below
+        out = F.conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return out.relu_() if relu else out
+
+    def _onednn(self, x: Tensor, relu: bool) -> Tensor:
+        shape = tuple(x.shape)
+        if shape not in self._packed:
+            self._packed[shape] = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, self.padding, self.stride, self.dilation, self.groups, list(shape)
+            )
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed[shape], self.bias, self.padding, self.stride, self.dilation, self.groups,
+            "relu" if relu else "none", [None] if relu else [], "",
+        )
+
+
+def folded_conv(owner: nn.Module, slot: str, conv: nn.Conv3d, bn: nn.BatchNorm3d | None = None) -> _FoldedConv3d:
+    """The cached :class:`_FoldedConv3d` of ``conv`` (+ ``bn``), kept on ``owner`` under ``slot``
+    (outside the state dict) and rebuilt whenever one of the weights or statistics changed."""
+    tensors = (conv.weight, conv.bias)
+    if bn is not None:
+        tensors += (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    state = _tensor_state(*tensors)
+    cache = owner.__dict__.setdefault("_folded_convs", {})
+    if slot not in cache or cache[slot][0] != state:
+        cache[slot] = (state, _FoldedConv3d(conv, bn))
+    return cache[slot][1]
+
+
+def fast_conv3d(owner: nn.Module, slot: str, conv: nn.Conv3d, x: Tensor, relu: bool = False) -> Tensor:
+    """``conv(x)`` (then ReLU when ``relu``): one oneDNN call on channels-last activations on the
+    inference fast path (cached on ``owner`` under ``slot``), else the plain ops."""
+    if fast_path_applies(owner, x) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        return folded_conv(owner, slot, conv)(x, relu=relu)
+    return F.relu(conv(x)) if relu else conv(x)
+
+
+def conv3d_relu(owner: nn.Module, slot: str, conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """``relu(conv(x))`` through :func:`fast_conv3d`."""
+    return fast_conv3d(owner, slot, conv, x, relu=True)
+
+
+class ConvBNReLU(nn.Sequential):
+    """A stack of [Conv3d, BatchNorm3d, ReLU] triples (:func:`_conv_bn_relu`): an ``nn.Sequential``
+    (same parameters and state-dict keys) whose inference fast path runs each triple as one
+    BatchNorm-folded, ReLU-fused oneDNN convolution on channels-last activations.
+
+    Input (N, Cin, X, Y, Z) -> output (N, Cout, X, Y, Z); channels-last on the fast path."""
+
+    def _triples(self) -> list[tuple[nn.Conv3d, nn.BatchNorm3d]] | None:
+        """(conv, bn) per triple, or None when the layers are not all such triples."""
+        layers = list(self)
+        if len(layers) % 3:
+            return None
+        triples = []
+        for conv, bn, relu in zip(layers[0::3], layers[1::3], layers[2::3]):
+            if not (isinstance(conv, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d) and isinstance(relu, nn.ReLU)
+                    and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+                    and bn.running_mean is not None):
+                return None
+            triples.append((conv, bn))
+        return triples
+
+    def forward(self, x: Tensor) -> Tensor:
+        triples = self._triples() if fast_path_applies(self, x) else None
+        if triples is None:
+            return super().forward(x)
+        for index, (conv, bn) in enumerate(triples):
+            x = folded_conv(self, str(index), conv, bn)(x, relu=True)
+        return x
+
+
+def detection_stride(profile: Profile) -> int:
+    """Stride (voxels) of the detection feature map that keeps ``profile.feature_stride_mm``.
+
+    The paper's map has stride 4 at 1.3 mm, i.e. 5.2 mm cells; at 2.6 mm the same cells need
+    stride 2. Only 2 and 4 are built.
+    """
+    stride = round(profile.feature_stride_mm / profile.spacing_mm)
+    return 2 if stride <= 2 else 4
+
+
 class Backbone(nn.Module):
     """3D VGG-16-like feature extractor with a U-Net-style fusion of blocks 3 and 4 (paper §2.1).
 
     Four blocks of two [3×3×3 conv, BatchNorm, ReLU] with ``width, 2w, 4w, 8w`` channels and a
     2× max-pool between blocks (strides 1, 2, 4, 8). Block 4 is upsampled trilinearly to block 3's
     grid, concatenated with it, and a 3×3×3 conv (+BN+ReLU) gives ``fused`` (stride 4, 4w channels).
+
+    ``stride=2`` repeats the same fusion one level further (``fused`` upsampled to block 2's grid,
+    concatenated with block 2, a 3×3×3 conv to 2w channels): a profile at half the paper's
+    resolution then keeps the paper's 5.2 mm feature cells (4 voxels of 1.3 mm), so that small
+    boxes still get well-overlapping anchors (:func:`detection_stride`). ``features`` is the map the
+    detection heads use: ``fused`` at stride 4, the finer map at stride 2.
     """
 
-    #: stride of ``fused`` relative to the input
-    stride = 4
-
-    def __init__(self, width: int, in_channels: int = 1):
+    def __init__(self, width: int, in_channels: int = 1, stride: int = 4):
         super().__init__()
         if width < 1 or in_channels < 1:
             raise ValueError(f"Backbone: width and in_channels must be >= 1, got {width}, {in_channels}")
+        if stride not in (2, 4):
+            raise ValueError(f"Backbone: stride must be 2 or 4, got {stride}")
         self.width = width
         self.block_channels = (width, 2 * width, 4 * width, 8 * width)
         self.block_strides = (1, 2, 4, 8)
-        self.out_channels = 4 * width
+        #: stride of ``features`` relative to the input
+        self.stride = stride
         blocks, previous = [], in_channels
         for channels in self.block_channels:
-            blocks.append(nn.Sequential(*_conv_bn_relu(previous, channels), *_conv_bn_relu(channels, channels)))
+            blocks.append(ConvBNReLU(*_conv_bn_relu(previous, channels), *_conv_bn_relu(channels, channels)))
             previous = channels
         self.block1, self.block2, self.block3, self.block4 = blocks
-        self.fuse = nn.Sequential(*_conv_bn_relu(4 * width + 8 * width, self.out_channels))
+        self.fuse = ConvBNReLU(*_conv_bn_relu(4 * width + 8 * width, 4 * width))
+        self.fuse_fine = ConvBNReLU(*_conv_bn_relu(4 * width + 2 * width, 2 * width)) if stride == 2 else None
+        #: channels of ``features``
+        self.out_channels = 2 * width if stride == 2 else 4 * width
+        # Channels-last weights: oneDNN then keeps every activation channels-last instead of
+        # reordering it to its blocked layout and back around each convolution (a training step
+        # ~15 % faster on CPU, benchmarks/NOTES.md). Values and state-dict keys are unchanged.
+        self.to(memory_format=torch.channels_last_3d)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x: (N, in_channels, X, Y, Z) with X, Y, Z multiples of 8 (see :func:`pad_to_multiple`).
 
         Returns ``block1`` (N, w, X, Y, Z), ``block2`` (N, 2w, X/2, …), ``block3`` (N, 4w, X/4, …),
-        ``block4`` (N, 8w, X/8, …) and ``fused`` (N, 4w, X/4, Y/4, Z/4).
+        ``block4`` (N, 8w, X/8, …), ``fused`` (N, 4w, X/4, Y/4, Z/4) and ``features`` (``fused``, or
+        (N, 2w, X/2, Y/2, Z/2) at stride 2).
         """
         if x.ndim != 5:
             raise ValueError(f"Backbone: expected input (N, C, X, Y, Z), got shape {tuple(x.shape)}")
@@ -88,7 +264,12 @@ class Backbone(nn.Module):
         block4 = self.block4(F.max_pool3d(block3, 2))
         upsampled = F.interpolate(block4, size=block3.shape[2:], mode="trilinear", align_corners=False)
         fused = self.fuse(torch.cat([block3, upsampled], dim=1))
-        return {"block1": block1, "block2": block2, "block3": block3, "block4": block4, "fused": fused}
+        features = fused
+        if self.fuse_fine is not None:
+            upsampled = F.interpolate(fused, size=block2.shape[2:], mode="trilinear", align_corners=False)
+            features = self.fuse_fine(torch.cat([block2, upsampled], dim=1))
+        return {"block1": block1, "block2": block2, "block3": block3, "block4": block4, "fused": fused,
+                "features": features}
 
 
 class LandmarkModel(nn.Module):
@@ -177,6 +358,95 @@ class LandmarkModel(nn.Module):
         raise NotImplementedError
 
 
+#: Anchors per chunk in :func:`foreground_log_probs`: small enough for the CPU caches.
+_LOG_PROB_CHUNK = 16384
+
+
+def foreground_log_probs(logits: Tensor, chunk: int = _LOG_PROB_CHUNK) -> Tensor:
+    """Log-softmax of the K foreground classes, class-major.
+
+    Computed in chunks of anchors, each written transposed into one (K, M) buffer: on 10⁶ anchors
+    (the paper's 128³ input) whole-tensor temporaries cost more in memory traffic and page faults
+    than the arithmetic. Values equal ``logits[:, 1:] - logsumexp(logits)`` exactly.
+
+    Args:
+        logits: (M, K+1) class logits of M anchors (class 0 = background).
+
+    Returns:
+        (K, M) log-probabilities of classes 1..K.
+    """
+    num_anchors, num_outputs = logits.shape
+    out = logits.new_empty(num_outputs - 1, num_anchors)
+    for start in range(0, num_anchors, chunk):
+        part = logits[start:start + chunk]
+        out[:, start:start + chunk] = (part[:, 1:] - torch.logsumexp(part, dim=-1, keepdim=True)).t()
+    return out
+
+
+def top_per_class(class_scores: Tensor, k: int, group_size: int = 1) -> tuple[Tensor, Tensor]:
+    """The ``k`` highest scores of each class, as ``class_scores.topk(k, dim=1)``, without ranking
+    every anchor when the anchors come in groups (the A anchors of a feature cell).
+
+    The k-th highest group maximum of a class is a lower bound of its k-th highest score (k groups
+    reach it, each with at least one anchor), and at most k groups hold an anchor above it: so the
+    top k lie among the anchors of the k best groups that reach the bound, about k of the
+    10⁵–10⁶ anchors. Profiling the post-processing showed the full top-k as its largest cost.
+
+    Args:
+        class_scores: (K, M) scores (e.g. :func:`foreground_log_probs`), M = groups · ``group_size``.
+        k: how many to keep per class, ``0 <= k <= M``.
+        group_size: anchors per group (1: no grouping, a plain top-k).
+
+    Returns:
+        values (k, K), by decreasing value in each column, and their anchor indices (k, K) int64.
+        Equal scores may come in another order than ``topk``'s (which leaves it unspecified).
+    """
+    num_classes, num_anchors = class_scores.shape
+    if not 0 <= k <= num_anchors:
+        raise ValueError(f"top_per_class: k must be in [0, {num_anchors}], got {k}")
+    class_scores = class_scores.contiguous()
+    num_groups = num_anchors // max(group_size, 1)
+    if group_size > 1 and num_groups * group_size == num_anchors and 0 < k < num_groups:
+        grouped = class_scores.view(num_classes, num_groups, group_size)
+        group_max, best_groups = grouped.amax(dim=2).topk(k, dim=1)  # (K, k) each
+        values, indices = [], []
+        for c in range(num_classes):
+            block = grouped[c, best_groups[c]].reshape(-1)  # the anchors of the k best groups
+            candidates = torch.nonzero(block >= group_max[c, -1]).reshape(-1)
+            if candidates.numel() < k:  # only with NaN scores: rank everything below
+                break
+            top_values, top = block[candidates].topk(k)
+            top = candidates[top]
+            values.append(top_values)
+            indices.append(best_groups[c, top // group_size] * group_size + top % group_size)
+        else:
+            return torch.stack(values, dim=1), torch.stack(indices, dim=1)
+    top_values, top = class_scores.topk(k, dim=1)
+    return top_values.t(), top.t()
+
+
+def pointwise_head(features: Tensor, conv: nn.Conv3d, per_anchor: int) -> Tensor:
+    """A 1×1×1 head conv with A·C output channels (channel ``a·C + c``), flattened like
+    :meth:`RPNModel._flatten`, computed as one matrix product over channels.
+
+    The 1×1×1 conv is a linear map of each cell's channel vector, so applying it to the
+    channels-last view (N, X, Y, Z, Cin) gives (N, X, Y, Z, A·C) whose rows are already in
+    make_anchors' cell-major, anchor-minor order: a free reshape instead of the permute-copy of a
+    conv output, and one GEMM instead of a conv call.
+
+    Args:
+        features: (N, Cin, X, Y, Z).
+        conv: a 1×1×1 Conv3d (groups 1) with A·``per_anchor`` output channels.
+
+    Returns:
+        (N, X·Y·Z·A, per_anchor).
+    """
+    if conv.kernel_size != (1, 1, 1) or conv.groups != 1 or conv.stride != (1, 1, 1):
+        raise ValueError(f"pointwise_head: expected a 1×1×1 conv with stride 1 and groups 1, got {conv}")
+    out = F.linear(features.permute(0, 2, 3, 4, 1), conv.weight.flatten(1), conv.bias)
+    return out.reshape(features.shape[0], -1, per_anchor)
+
+
 class RPNModel(LandmarkModel):
     """IG-RPN (paper §2.2): backbone + 3D RPN head with K+1 class scores and 6 deltas per anchor.
 
@@ -192,7 +462,7 @@ class RPNModel(LandmarkModel):
 
     def __init__(self, profile: Profile, iou_balance: bool = True):
         super().__init__(profile, iou_balance)
-        self.backbone = Backbone(profile.width)
+        self.backbone = Backbone(profile.width, stride=detection_stride(profile))
         self.stride = self.backbone.stride
         channels = self.backbone.out_channels
         self.num_anchors_per_cell = len(profile.anchor_sizes_mm) ** 3
@@ -225,10 +495,15 @@ class RPNModel(LandmarkModel):
 
     def forward(self, volumes: Tensor) -> dict[str, Tensor]:
         """volumes: (N, 1, X, Y, Z), padded here to multiples of 8 (high end)."""
-        features = self.backbone(pad_to_multiple(volumes))["fused"]
-        hidden = F.relu(self.head_conv(features))
-        cls_logits = self._flatten(self.cls_conv(hidden), self.num_classes + 1)
-        deltas = self._flatten(self.reg_conv(hidden), 6)
+        features = self.backbone(pad_to_multiple(volumes))["features"]
+        hidden = conv3d_relu(self, "head_conv", self.head_conv, features)
+        if fast_path_applies(self, hidden):
+            # The 1×1×1 heads as matrix products on the channels-last map (no permute-copy).
+            cls_logits = pointwise_head(hidden, self.cls_conv, self.num_classes + 1)
+            deltas = pointwise_head(hidden, self.reg_conv, 6)
+        else:
+            cls_logits = self._flatten(self.cls_conv(hidden), self.num_classes + 1)
+            deltas = self._flatten(self.reg_conv(hidden), 6)
         anchors = self.anchors(features.shape[2:], self.stride, device=features.device)
         return {"cls_logits": cls_logits, "deltas": deltas, "anchors": anchors}
 
@@ -299,12 +574,10 @@ class RPNModel(LandmarkModel):
         keep_per_class = min(self.pre_nms_top_n, anchors.shape[0])
         results = []
         for volume_logits, volume_deltas in zip(logits, deltas):
-            # Log-probabilities of the K landmark classes, laid out (K, cells·A) for a fast top-k;
-            # ranking on log p is the same as on p, and only the kept ones are exponentiated.
-            volume_logits = volume_logits.float()
-            log_probs = volume_logits[:, 1:] - torch.logsumexp(volume_logits, dim=-1, keepdim=True)
-            top_log_probs, top_index = log_probs.t().contiguous().topk(keep_per_class, dim=1)
-            top_scores, top_index = top_log_probs.exp().t(), top_index.t()  # (keep, K)
+            # Ranking on log p is the same as on p; only the kept ones are exponentiated.
+            log_probs = foreground_log_probs(volume_logits.float())  # (K, cells·A)
+            top_log_probs, top_index = top_per_class(log_probs, keep_per_class, self.num_anchors_per_cell)
+            top_scores = top_log_probs.exp()  # (keep, K)
             per_landmark = []
             for c in range(self.num_classes):
                 index = top_index[:, c]

@@ -1,7 +1,8 @@
 """SSD baseline of Table 1/2 (DESIGN §5), on the shared backbone: "we replace the detection part of
 our model" with a one-stage multi-scale detector (Liu et al., SSD).
 
-* Two feature scales: the fused stride-4 map (4·width channels) and block 4 (stride 8, 8·width
+* Two feature scales: the backbone's detection map (``features``: the fused stride-4 map, or its
+  stride-2 refinement at half the paper's resolution, see ``model.detection_stride``) and block 4 (stride 8, 8·width
   channels), each with its own 3×3×3 convolutions giving K+1 class logits and 6 deltas per anchor.
 * Anchors (decision): the two smaller of ``profile.anchor_sizes_mm`` on the stride-4 map and the
   two larger on the stride-8 map, every (w, h, d) combination of the pair: 2³ = 8 anchors per cell
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from igrpn import boxes as box_ops
 from igrpn.config import Profile
 from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
-from igrpn.model import Backbone, LandmarkModel, pad_to_multiple
+from igrpn.model import Backbone, LandmarkModel, detection_stride, fast_conv3d, pad_to_multiple
 
 #: Negatives kept per positive by the hard negative miner (Liu et al., SSD).
 NEGATIVES_PER_POSITIVE = 3
@@ -119,10 +120,10 @@ class SSDModel(LandmarkModel):
         if len(sizes) < 2:
             raise ValueError(f"profile {profile.name!r}: SSD needs at least 2 anchor sizes, got {sizes}")
         half = len(sizes) // 2
-        self.backbone = Backbone(profile.width)
+        self.backbone = Backbone(profile.width, stride=detection_stride(profile))
         # (feature key, stride, anchor base sizes in voxels) of each scale.
         self.scales = (
-            ("fused", self.backbone.stride, tuple(sizes[:half])),
+            ("features", self.backbone.stride, tuple(sizes[:half])),
             ("block4", self.backbone.block_strides[3], tuple(sizes[half:])),
         )
         in_channels = (self.backbone.out_channels, self.backbone.block_channels[3])
@@ -160,8 +161,11 @@ class SSDModel(LandmarkModel):
             self.scales, self.cls_heads, self.reg_heads, self.anchors_per_cell
         ):
             feature = features[key]
-            logits.append(flatten_anchor_outputs(cls_head(feature), per_cell, self.num_classes + 1))
-            deltas.append(flatten_anchor_outputs(reg_head(feature), per_cell, 6))
+            # fast_conv3d: one oneDNN call on the inference fast path (igrpn.model), else cls_head(x).
+            cls_out = fast_conv3d(self, f"cls_{key}", cls_head, feature)
+            reg_out = fast_conv3d(self, f"reg_{key}", reg_head, feature)
+            logits.append(flatten_anchor_outputs(cls_out, per_cell, self.num_classes + 1))
+            deltas.append(flatten_anchor_outputs(reg_out, per_cell, 6))
             anchors.append(self.anchors(feature.shape[2:], stride, sizes, device=feature.device))
         return {"cls_logits": torch.cat(logits, 1), "deltas": torch.cat(deltas, 1), "anchors": torch.cat(anchors)}
 

@@ -444,16 +444,18 @@ def anchor_coverage(cases, profile: Profile) -> "pandas.DataFrame":
     import pandas as pd
 
     from igrpn.boxes import box_iou, centre_to_corner, landmark_boxes, make_anchors
+    from igrpn.model import detection_stride
 
+    stride = detection_stride(profile)
     box_vox = torch.tensor([profile.mm_to_vox(b) for b in profile.gt_box_mm], dtype=torch.float32)
     sizes_vox = [profile.mm_to_vox(s) for s in profile.anchor_sizes_mm]
     anchors_by_shape, records = {}, []
     for case in cases:
-        # The backbone works on volumes padded to a multiple of 8; its feature map has stride 4.
+        # The backbone works on volumes padded to a multiple of 8.
         padded = tuple(int(math.ceil(n / 8) * 8) for n in case.volume.shape)
-        grid = tuple(n // 4 for n in padded)
+        grid = tuple(n // stride for n in padded)
         if grid not in anchors_by_shape:
-            anchors_by_shape[grid] = centre_to_corner(make_anchors(grid, 4, sizes_vox))
+            anchors_by_shape[grid] = centre_to_corner(make_anchors(grid, stride, sizes_vox))
         gt = centre_to_corner(landmark_boxes(torch.as_tensor(case.landmarks_vox, dtype=torch.float32), box_vox))
         iou = box_iou(anchors_by_shape[grid], gt)  # (A, 5)
         best = iou.max(dim=0).values

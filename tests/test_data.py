@@ -528,3 +528,17 @@ def test_training_crop_keeps_landmarks_on_their_voxels_and_inside_the_margin():
             assert (moved >= 5).all() and (moved <= 31 - 5).all()
             for n, point in enumerate(moved):
                 assert cropped[tuple(np.round(point).astype(int))] == n + 1.0
+
+
+def test_rotating_only_a_window_equals_cropping_the_rotated_volume():
+    import igrpn.data as data_module
+
+    generator = torch.Generator().manual_seed(0)
+    volume = torch.rand((20, 18, 16), generator=generator)
+    landmarks = np.array([[9.0, 8.0, 7.0], [10.5, 9.0, 8.0]])
+    rotation = data_module.rotation_matrix([20.0, -10.0, 15.0])
+    whole, moved = data_module.rotate_sample(volume, landmarks, rotation)
+    window, moved_window = data_module.rotate_sample(volume, landmarks, rotation, origin=(3, 2, 4),
+                                                     out_shape=(12, 10, 8))
+    torch.testing.assert_close(window, whole[3:15, 2:12, 4:12])
+    np.testing.assert_allclose(moved_window, moved - [3, 2, 4])

@@ -148,3 +148,24 @@ def test_build_model_rejects_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
         build_model("yolo", PROFILE)
     assert build_model("rpn", "smoke", iou_balance=False).iou_balance is False
+
+
+def test_half_resolution_profiles_keep_the_papers_feature_cell():
+    from igrpn.model import detection_stride
+
+    # 5.2 mm cells: stride 4 at 1.3 mm (the paper), stride 2 at 2.6 mm (the cpu profile).
+    assert detection_stride(get_profile("paper")) == 4
+    assert detection_stride(get_profile("cpu")) == 2
+    backbone = Backbone(width=4, stride=2)
+    out = backbone(torch.randn(1, 1, 32, 24, 16))
+    assert out["fused"].shape == (1, 16, 8, 6, 4)
+    assert out["features"].shape == (1, 8, 16, 12, 8) and backbone.out_channels == 8
+    profile = dataclasses.replace(PROFILE, feature_stride_mm=2 * PROFILE.spacing_mm)
+    model = build_model("rpn", profile)
+    result = model(torch.randn(1, 1, 32, 24, 16))
+    sizes = [s / profile.spacing_mm for s in profile.anchor_sizes_mm]
+    expected = B.make_anchors((16, 12, 8), 2, sizes)
+    assert torch.equal(result["anchors"], expected)
+    assert result["cls_logits"].shape == (1, expected.shape[0], 6)
+    with pytest.raises(ValueError, match="stride must be 2 or 4"):
+        Backbone(width=4, stride=8)
