@@ -1,0 +1,50 @@
+"""Tables beside the paper's numbers, and the reading of the paper's claims."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from igrpn import report
+
+
+def test_paper_tables_are_the_typed_in_data():
+    paper = report.paper_tables()
+    ig_rpn = paper[(paper["table"] == 1) & (paper["method"] == "IG-RPN")].iloc[0]
+    assert ig_rpn["d_mean"] == pytest.approx(4.38) and ig_rpn["ap50"] == pytest.approx(82.50)
+    assert len(paper[paper["table"] == 2]) == 8
+
+
+def test_table_puts_percentages_and_paper_numbers_beside_ours():
+    results = pd.DataFrame([{
+        "run": "rpn_ib", "method": "rpn", "iou_balance": True, "prior": True, "ap": 0.3, "ap35": 0.9,
+        "ap50": 0.8, "ap75": 0.2, "miou": 0.6, "d_mean": 4.0, "time_ms": 100.0, "hit35": 0.95,
+        "hit50": 0.85, "hit75": 0.25, "d_mean_lo": 3.5, "d_mean_hi": 4.5, "ap50_lo": 0.7, "ap50_hi": 0.9,
+    }])
+    table = report.build_table(results, report.TABLE1_ROWS, 1)
+    row = table[table["method"] == "IG-RPN"].iloc[0]
+    assert row["status"] == "ok" and row["ap50"] == pytest.approx(80.0) and row["d_mean"] == 4.0
+    assert row["paper_ap50"] == pytest.approx(82.50) and row["paper_time_ms"] == 515
+    assert (table.loc[table["method"] != "IG-RPN", "status"] == "not trained").all()
+    markdown = report.table_markdown(table)
+    assert "80.00 [70.00, 90.00] (82.50)" in markdown and "not trained (4.74)" in markdown
+    table2 = report.build_table(results, report.TABLE2_ROWS, 2)
+    rpn_rows = table2[table2["method"] == "RPN"]
+    assert list(rpn_rows["paper_d_mean"]) == [4.77, 4.43, 4.52, 4.38]
+
+
+@pytest.mark.parametrize("lo, hi, expected", [(-2.0, -0.5, "holds"), (-1.0, 1.0, "not shown"),
+                                              (0.2, 1.5, "contradicted")])
+def test_claim_verdicts_follow_the_interval(lo, hi, expected):
+    assert report.verdict(lo, hi) == expected
+
+
+def test_claims_table_reads_paired_bootstraps():
+    gt = pd.DataFrame([{"case_id": f"c{i}", "landmark": "chin", "x": 0.0, "y": 0.0, "z": 0.0,
+                        "w": 31.2, "h": 31.2, "d": 31.2} for i in range(10)])
+    near = gt.assign(score=0.9, x=1.0)
+    far = gt.assign(score=0.9, x=np.linspace(5, 9, 10))
+    evaluation = {"gt": gt, "predictions": {("rpn_ib", False): far, ("rpn_ib", True): near}}
+    claims = report.claims_table(evaluation, n_boot=200)
+    prior_claim = claims[claims["claim"] == "RPN: the prior helps"].iloc[0]
+    assert prior_claim["verdict"] == "holds" and prior_claim["d_mean_diff"] == pytest.approx(-6.0)
+    assert (claims.loc[claims["claim"] != "RPN: the prior helps", "status"] == "not trained").all()
