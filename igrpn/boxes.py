@@ -24,6 +24,11 @@ DEFAULT_SIZE_CLAMP = math.log(1000.0 / 16)
 #: Pair elements (rows × columns) processed at once by :func:`box_iou` when no chunk size is given.
 _IOU_PAIRS_PER_CHUNK = 1 << 18
 
+#: :func:`box_iou` against at most this many boxes (the GT cubes of a volume) takes the
+#: column-by-column path of :func:`_iou_few_against_many`, on chunks of ``_FEW_CHUNK`` boxes.
+_FEW_BOXES = 16
+_FEW_CHUNK = 32768
+
 #: :func:`nms` computes IoU rows lazily (instead of the full matrix) up to this many kept boxes.
 _NMS_ROWWISE_MAX_OUTPUT = 32
 
@@ -39,6 +44,8 @@ def _check_boxes(boxes: Tensor, name: str, func: str, ndim: int | None = None) -
 
 def _check_corner_sizes(boxes: Tensor, name: str, func: str) -> None:
     """Raise ``ValueError`` if a corner-form box has a high corner below its low corner."""
+    if not bool((boxes[..., 3:] < boxes[..., :3]).any()):  # one flat pass in the usual case
+        return
     negative = (boxes[..., 3:] < boxes[..., :3]).any(-1)
     if bool(negative.any()):
         first = int(torch.nonzero(negative.reshape(-1))[0])
@@ -86,6 +93,11 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, chunk_size: int | None = None) -> Te
     _check_corner_sizes(boxes1, "boxes1", "box_iou")
     _check_corner_sizes(boxes2, "boxes2", "box_iou")
     n, m = boxes1.shape[0], boxes2.shape[0]
+    if chunk_size is None and min(n, m) <= _FEW_BOXES and max(n, m) > _FEW_CHUNK:
+        # Anchors against a volume's GT cubes: one box at a time against contiguous chunks.
+        if n <= m:
+            return _iou_few_against_many(boxes1, boxes2)
+        return _iou_few_against_many(boxes2, boxes1).t()  # IoU is symmetric
     if chunk_size is None:
         chunk_size = max(1, _IOU_PAIRS_PER_CHUNK // max(m, 1))
     if chunk_size < 1:
@@ -103,6 +115,34 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, chunk_size: int | None = None) -> Te
         union = box_volume(part)[:, None] + volume2[None, :] - inter
         # An empty union only happens for two zero-volume boxes: call their IoU 0, not NaN.
         iou[start:start + chunk_size] = inter / union.clamp_min(torch.finfo(dtype).tiny)
+    return iou
+
+
+def _iou_few_against_many(few: Tensor, many: Tensor, chunk: int = _FEW_CHUNK) -> Tensor:
+    """:func:`box_iou` of a few boxes (F, 6) against many (N, 6) -> (F, N), the same values.
+
+    Each of the F boxes is compared with a cache-sized chunk of the N boxes axis by axis, on
+    contiguous (chunk,) rows: the (N, F, 3) broadcast of the general path, with many passes over
+    millions of anchors, was the largest cost of matching anchors to GT boxes (benchmarks/NOTES.md).
+    The arithmetic is the general path's, in the same order, so the results are identical.
+    """
+    dtype = torch.promote_types(torch.promote_types(few.dtype, many.dtype), torch.float32)
+    few, many = few.to(dtype), many.to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    few_volume = box_volume(few)
+    iou = torch.empty((few.shape[0], many.shape[0]), dtype=dtype, device=many.device)
+    for start in range(0, many.shape[0], chunk):
+        part = many[start:start + chunk]
+        columns = part.t().contiguous()  # (6, c): x0, y0, z0, x1, y1, z1 of the chunk
+        part_volume = box_volume(part)
+        for j in range(few.shape[0]):
+            inter = None
+            for axis in range(3):  # overlap along each axis, clamped at 0
+                side = torch.minimum(columns[axis + 3], few[j, axis + 3]) - torch.maximum(columns[axis], few[j, axis])
+                side.clamp_min_(0)
+                inter = side if inter is None else inter.mul_(side)
+            union = (few_volume[j] + part_volume - inter).clamp_min_(tiny)
+            torch.div(inter, union, out=iou[j, start:start + chunk])
     return iou
 
 
@@ -267,20 +307,27 @@ def match_anchors(
     if gt_corner.shape[0] == 0:
         zeros = torch.zeros(num_anchors, dtype=torch.int64, device=anchors_corner.device)
         return zeros, zeros.clone()
-    iou = box_iou(anchors_corner, gt_corner)  # (A, G)
-    max_iou, matched_gt = iou.max(dim=1)
+    # Laid out (G, A): the reductions over the few GT boxes then run along contiguous rows of
+    # anchors (IoU is symmetric: the values of box_iou(anchors, gt), transposed).
+    iou = box_iou(gt_corner, anchors_corner)  # (G, A)
+    max_iou, matched_gt = iou.max(dim=0)
     labels = torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors_corner.device)
     labels[max_iou < neg_iou] = 0
     above = max_iou > pos_iou
     labels[above] = gt_labels[matched_gt[above]]
     # Best-anchor rule: anchors whose IoU equals their GT's maximum (ties kept); a GT that overlaps
     # no anchor at all (maximum 0) forces nothing.
-    best_per_gt = iou.max(dim=0).values  # (G,)
-    is_best = (iou == best_per_gt[None, :]) & (best_per_gt[None, :] > 0)  # (A, G)
-    forced = is_best.any(dim=1)
-    if bool(forced.any()):
+    best_per_gt = iou.amax(dim=1)  # (G,)
+    reached = best_per_gt[best_per_gt > 0]
+    if reached.numel():
+        # An anchor that is a GT's best has max_iou >= that GT's best IoU: compare only the anchors
+        # reaching the lowest such maximum (a handful) instead of every anchor.
+        candidates = torch.nonzero(max_iou >= reached.min()).reshape(-1)
+        is_best = (iou[:, candidates] == best_per_gt[:, None]) & (best_per_gt[:, None] > 0)  # (G, C)
+        best_for_any = is_best.any(dim=0)
+        forced = candidates[best_for_any]
         # Among the GTs an anchor is best for, take the one it overlaps most.
-        forced_gt = torch.where(is_best[forced], iou[forced], -1.0).argmax(dim=1)
+        forced_gt = torch.where(is_best[:, best_for_any], iou[:, forced], -1.0).argmax(dim=0)
         matched_gt[forced] = forced_gt
         labels[forced] = gt_labels[forced_gt]
     return labels, matched_gt
@@ -321,6 +368,54 @@ def sample_balanced(
         return candidates[order.to(candidates.device)]
 
     return torch.cat([draw(positives, num_pos), draw(negatives, num_neg)])
+
+
+def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude: Tensor | None = None) -> Tensor:
+    """The ``num`` background anchors (``labels == 0``) with the highest ``negative_scores``.
+
+    Args:
+        labels: (A,) int64 from :func:`match_anchors`.
+        negative_scores: (A,) how strongly each anchor is taken for a landmark (e.g. the largest
+            foreground log-odds); higher is harder.
+        num: anchors wanted (fewer come back when there are not enough negatives).
+        exclude: (n,) indices never returned (e.g. those already sampled).
+
+    Returns:
+        (m,) int64 indices into ``labels``, hardest first, m <= num.
+    """
+    if labels.shape != negative_scores.shape or labels.ndim != 1:
+        raise ValueError(f"hardest_negatives: labels {tuple(labels.shape)} and scores "
+                         f"{tuple(negative_scores.shape)} must be the same 1-D shape")
+    scores = negative_scores.detach().clone()
+    scores[labels != 0] = float("-inf")
+    if exclude is not None and exclude.numel():
+        scores[exclude] = float("-inf")
+    count = min(int(num), int(torch.isfinite(scores).sum()))
+    return torch.topk(scores, count).indices if count > 0 else labels.new_zeros(0)
+
+
+def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude: Tensor | None = None) -> Tensor:
+    """The ``num`` background anchors (``labels == 0``) with the highest ``negative_scores``.
+
+    Args:
+        labels: (A,) int64 from :func:`match_anchors`.
+        negative_scores: (A,) how strongly each anchor is taken for a landmark (e.g. the largest
+            foreground log-odds); higher is harder.
+        num: anchors wanted (fewer come back when there are not enough negatives).
+        exclude: (n,) indices never returned (e.g. those already sampled).
+
+    Returns:
+        (m,) int64 indices into ``labels``, hardest first, m <= num.
+    """
+    if labels.shape != negative_scores.shape or labels.ndim != 1:
+        raise ValueError(f"hardest_negatives: labels {tuple(labels.shape)} and scores "
+                         f"{tuple(negative_scores.shape)} must be the same 1-D shape")
+    scores = negative_scores.detach().clone()
+    scores[labels != 0] = float("-inf")
+    if exclude is not None and exclude.numel():
+        scores[exclude] = float("-inf")
+    count = min(int(num), int(torch.isfinite(scores).sum()))
+    return torch.topk(scores, count).indices if count > 0 else labels.new_zeros(0)
 
 
 def nms(

@@ -46,6 +46,9 @@ class Profile:
     feature_stride_mm: float = 4 * PAPER_SPACING_MM
     samples_per_volume: int = 256  # anchors sampled per volume for the classification loss
     positive_fraction: float = 0.5
+    #: background anchors with the highest landmark scores added to the RPN's sample per volume
+    #: (online hard negative mining, beyond the paper; 0 = the paper's random sampling only)
+    hard_negatives_per_volume: int = 0
     pos_iou: float = 0.5
     neg_iou: float = 0.25
     eta: float = 1.75  # IoU-balance exponent

@@ -8,6 +8,7 @@ volume (voxel centres at integer indices). See docs/architecture.md for the inte
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import os
@@ -327,6 +328,14 @@ class LandmarkModel(nn.Module):
         ``sizes_vox`` defaults to the profile's anchor sizes."""
         return self._anchor_pair(grid_shape, stride, sizes_vox, device)[0]
 
+    def corner_anchors(self, anchors: Tensor) -> Tensor:
+        """Corner form of centre-form ``anchors`` (A, 6): the cached tensor when ``anchors`` is one
+        that :meth:`anchors` returned (as in a forward's outputs), else computed."""
+        for centre, corner in self._anchor_cache.values():
+            if centre is anchors:
+                return corner
+        return box_ops.centre_to_corner(anchors)
+
     def anchors_corner(self, grid_shape, stride: int, sizes_vox=None, device=None) -> Tensor:
         """The same anchors as :meth:`anchors`, in corner form (cached too)."""
         return self._anchor_pair(grid_shape, stride, sizes_vox, device)[1]
@@ -358,16 +367,39 @@ class LandmarkModel(nn.Module):
         raise NotImplementedError
 
 
-#: Anchors per chunk in :func:`foreground_log_probs`: small enough for the CPU caches.
-_LOG_PROB_CHUNK = 16384
+def single_threaded(function):
+    """Decorator: run ``function`` with one intra-op thread (``torch.set_num_threads``, restored
+    afterwards). For post-processing: it is hundreds of small operations, each a parallel region
+    whose two threads must meet; on a 2-core machine shared with other busy processes one of them
+    is often descheduled, and every region then waits a time slice (candidates at the cpu profile:
+    45 ms on one thread, 90–120 ms on two with OpenMP's default wait policy, benchmarks/NOTES.md).
+    The thread count is process-wide: another Python thread running torch meanwhile gets one too."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        previous = torch.get_num_threads()
+        if previous == 1:
+            return function(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+
+    return wrapper
 
 
-def foreground_log_probs(logits: Tensor, chunk: int = _LOG_PROB_CHUNK) -> Tensor:
-    """Log-softmax of the K foreground classes, class-major.
+#: Anchors per chunk in :func:`top_anchors_per_class`: small enough for the CPU caches.
+_SCORE_CHUNK = 16384
 
-    Computed in chunks of anchors, each written transposed into one (K, M) buffer: on 10⁶ anchors
-    (the paper's 128³ input) whole-tensor temporaries cost more in memory traffic and page faults
-    than the arithmetic. Values equal ``logits[:, 1:] - logsumexp(logits)`` exactly.
+
+def class_major_log_probs(logits: Tensor) -> Tensor:
+    """Log-softmax of anchors' class logits, returned class-major for the foreground classes.
+
+    The logits are transposed first so that the reductions over the K+1 classes run along
+    contiguous rows of anchors (vectorised); reducing over the last axis of size 6 of (M, 6), as
+    ``torch.logsumexp(logits, -1)`` does, was 2× slower on CPU. Values equal
+    ``(logits[:, 1:] - logsumexp(logits, -1, keepdim=True)).t()`` up to float rounding.
 
     Args:
         logits: (M, K+1) class logits of M anchors (class 0 = background).
@@ -375,53 +407,66 @@ def foreground_log_probs(logits: Tensor, chunk: int = _LOG_PROB_CHUNK) -> Tensor
     Returns:
         (K, M) log-probabilities of classes 1..K.
     """
-    num_anchors, num_outputs = logits.shape
-    out = logits.new_empty(num_outputs - 1, num_anchors)
-    for start in range(0, num_anchors, chunk):
-        part = logits[start:start + chunk]
-        out[:, start:start + chunk] = (part[:, 1:] - torch.logsumexp(part, dim=-1, keepdim=True)).t()
-    return out
+    columns = logits.t().contiguous()  # (K+1, M)
+    top = columns.amax(dim=0)
+    log_sum = (columns - top).exp_().sum(dim=0).log_().add_(top)
+    return columns[1:] - log_sum
 
 
-def top_per_class(class_scores: Tensor, k: int, group_size: int = 1) -> tuple[Tensor, Tensor]:
-    """The ``k`` highest scores of each class, as ``class_scores.topk(k, dim=1)``, without ranking
-    every anchor when the anchors come in groups (the A anchors of a feature cell).
+def top_anchors_per_class(logits: Tensor, k: int, group_size: int = 1,
+                          chunk: int = _SCORE_CHUNK) -> tuple[Tensor, Tensor]:
+    """The ``k`` anchors of highest softmax probability for each foreground class, as
+    ``class_major_log_probs(logits).topk(k, dim=1)``, without ranking (or even storing) the
+    log-probabilities of every anchor when the anchors come in groups (the A anchors of a cell).
 
-    The k-th highest group maximum of a class is a lower bound of its k-th highest score (k groups
-    reach it, each with at least one anchor), and at most k groups hold an anchor above it: so the
-    top k lie among the anchors of the k best groups that reach the bound, about k of the
-    10⁵–10⁶ anchors. Profiling the post-processing showed the full top-k as its largest cost.
+    The k-th highest group maximum of a class is a lower bound of its k-th highest log-probability
+    (k groups reach it, each with at least one anchor), and at most k groups hold an anchor above
+    it: so the top k lie among the anchors of the k best groups that reach the bound. A first pass
+    over chunks of whole groups keeps only each group's maximum per class; a second pass scores the
+    anchors of the selected groups (about k·A per class instead of 10⁶ anchors). Profiling showed
+    the log-softmax and top-k over every anchor as the largest cost of the post-processing.
 
     Args:
-        class_scores: (K, M) scores (e.g. :func:`foreground_log_probs`), M = groups · ``group_size``.
+        logits: (M, K+1) class logits, M = groups · ``group_size``, groups contiguous.
         k: how many to keep per class, ``0 <= k <= M``.
-        group_size: anchors per group (1: no grouping, a plain top-k).
+        group_size: anchors per group (1: no grouping: score everything, plain top-k).
+        chunk: anchors per chunk of the first pass.
 
     Returns:
-        values (k, K), by decreasing value in each column, and their anchor indices (k, K) int64.
-        Equal scores may come in another order than ``topk``'s (which leaves it unspecified).
+        log-probabilities (k, K), by decreasing value in each column, and their anchor indices
+        (k, K) int64. Equal values may come in another order than ``topk``'s (unspecified there).
     """
-    num_classes, num_anchors = class_scores.shape
+    num_anchors, num_outputs = logits.shape
     if not 0 <= k <= num_anchors:
-        raise ValueError(f"top_per_class: k must be in [0, {num_anchors}], got {k}")
-    class_scores = class_scores.contiguous()
-    num_groups = num_anchors // max(group_size, 1)
+        raise ValueError(f"top_anchors_per_class: k must be in [0, {num_anchors}], got {k}")
+    num_classes, num_groups = num_outputs - 1, num_anchors // max(group_size, 1)
     if group_size > 1 and num_groups * group_size == num_anchors and 0 < k < num_groups:
-        grouped = class_scores.view(num_classes, num_groups, group_size)
-        group_max, best_groups = grouped.amax(dim=2).topk(k, dim=1)  # (K, k) each
+        # Pass 1: each group's best log-probability per class, chunk by chunk (no (K, M) tensor).
+        rows = max(1, chunk // group_size) * group_size
+        group_max = logits.new_empty(num_classes, num_groups)
+        for start in range(0, num_anchors, rows):
+            scores = class_major_log_probs(logits[start:start + rows])
+            first = start // group_size
+            group_max[:, first:first + scores.shape[1] // group_size] = (
+                scores.view(num_classes, -1, group_size).amax(dim=2))
+        bound, best_groups = group_max.topk(k, dim=1)  # (K, k) each
+        # Pass 2: exact log-probabilities of the anchors of every class's k best groups.
+        groups = torch.unique(best_groups)  # sorted
+        anchors = (groups[:, None] * group_size + torch.arange(group_size, device=logits.device)).reshape(-1)
+        scores = class_major_log_probs(logits[anchors]).view(num_classes, groups.numel(), group_size)
+        position = torch.searchsorted(groups, best_groups)  # (K, k): rows of `scores`
         values, indices = [], []
         for c in range(num_classes):
-            block = grouped[c, best_groups[c]].reshape(-1)  # the anchors of the k best groups
-            candidates = torch.nonzero(block >= group_max[c, -1]).reshape(-1)
-            if candidates.numel() < k:  # only with NaN scores: rank everything below
+            block = scores[c, position[c]].reshape(-1)
+            candidates = torch.nonzero(block >= bound[c, -1]).reshape(-1)
+            if candidates.numel() < k:  # only with NaN logits: rank everything below
                 break
             top_values, top = block[candidates].topk(k)
-            top = candidates[top]
             values.append(top_values)
-            indices.append(best_groups[c, top // group_size] * group_size + top % group_size)
+            indices.append(anchors.view(-1, group_size)[position[c]].reshape(-1)[candidates[top]])
         else:
             return torch.stack(values, dim=1), torch.stack(indices, dim=1)
-    top_values, top = class_scores.topk(k, dim=1)
+    top_values, top = class_major_log_probs(logits).topk(k, dim=1)
     return top_values.t(), top.t()
 
 
@@ -511,17 +556,19 @@ class RPNModel(LandmarkModel):
         """IoU-balanced classification + smooth-L1 regression on sampled anchors (paper Eq. 2–3).
 
         Per volume: match the anchors to the five GT cubes, sample ``profile.samples_per_volume``
-        anchors with at most ``positive_fraction`` positives; the IoU of a positive is between its
+        anchors with at most ``positive_fraction`` positives (plus, when the profile asks for it,
+        the ``hard_negatives_per_volume`` background anchors scored most like a landmark); the IoU of a positive is between its
         decoded *predicted* box and its GT (no gradient). The classification loss runs over the
         sampled anchors of the whole batch; regression is the mean over positives.
         """
         logits, deltas, anchors = outputs["cls_logits"], outputs["deltas"], outputs["anchors"]
         landmarks_vox = self._check_landmarks(torch.as_tensor(landmarks_vox, device=logits.device), logits.shape[0])
-        anchors_corner = box_ops.centre_to_corner(anchors)
+        anchors_corner = self.corner_anchors(anchors)
         gt_labels = torch.arange(1, self.num_classes + 1, device=logits.device)
         generator = self.sampling_generator()
-        sampled_logits, sampled_labels, sampled_ious, pos_deltas, pos_targets = [], [], [], [], []
-        for volume_index, gt_centre in enumerate(self.gt_boxes(landmarks_vox)):
+        gt_centres = self.gt_boxes(landmarks_vox)  # (N, 5, 6)
+        chosen_volume, chosen_anchor, chosen_labels, pos_volume, pos_anchor, pos_gt = [], [], [], [], [], []
+        for volume_index, gt_centre in enumerate(gt_centres):
             labels, matched = box_ops.match_anchors(
                 anchors_corner, box_ops.centre_to_corner(gt_centre), gt_labels,
                 self.profile.pos_iou, self.profile.neg_iou,
@@ -529,27 +576,38 @@ class RPNModel(LandmarkModel):
             chosen = box_ops.sample_balanced(
                 labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator
             )
-            chosen_labels = labels[chosen]
-            positives = chosen[chosen_labels > 0]
-            pred = deltas[volume_index, positives]
-            pos_anchors, pos_gt = anchors[positives], gt_centre[matched[positives]]
-            # IoU of the regressed box with its GT: a weight only, no gradient (Eq. 3).
-            with torch.no_grad():
-                decoded = box_ops.centre_to_corner(box_ops.decode(pred.detach(), pos_anchors))
-                pos_iou = box_ops.paired_box_iou(decoded, box_ops.centre_to_corner(pos_gt))
-            ious = torch.zeros(chosen.numel(), device=logits.device)
-            ious[chosen_labels > 0] = pos_iou
-            sampled_logits.append(logits[volume_index, chosen])
-            sampled_labels.append(chosen_labels)
-            sampled_ious.append(ious)
-            pos_deltas.append(pred)
-            pos_targets.append(box_ops.encode(pos_gt, pos_anchors))
-        labels = torch.cat(sampled_labels)
-        ious = torch.cat(sampled_ious)
+            if self.profile.hard_negatives_per_volume:
+                # The top-scoring anchor of each class is the answer, so the background anchors
+                # that look most like a landmark matter most; random sampling rarely meets them.
+                volume_logits = logits[volume_index].detach()
+                hardness = volume_logits[:, 1:].max(dim=1).values - volume_logits[:, 0]
+                hard = box_ops.hardest_negatives(labels, hardness, self.profile.hard_negatives_per_volume,
+                                                 exclude=chosen)
+                chosen = torch.cat([chosen, hard])
+            positives = chosen[labels[chosen] > 0]
+            chosen_volume.append(torch.full_like(chosen, volume_index))
+            chosen_anchor.append(chosen)
+            chosen_labels.append(labels[chosen])
+            pos_volume.append(torch.full_like(positives, volume_index))
+            pos_anchor.append(positives)
+            pos_gt.append(gt_centre[matched[positives]])
+        # One gather per output for the whole batch (the sampled anchors of volume 0 first, each
+        # volume's positives first): each index's backward fills a zero tensor of the full output.
+        chosen_volume, chosen_anchor = torch.cat(chosen_volume), torch.cat(chosen_anchor)
+        pos_volume, pos_anchor, pos_gt = torch.cat(pos_volume), torch.cat(pos_anchor), torch.cat(pos_gt)
+        labels = torch.cat(chosen_labels)
+        pred = deltas[pos_volume, pos_anchor]
+        pos_anchors = anchors[pos_anchor]
+        # IoU of the regressed box with its GT: a weight only, no gradient (Eq. 3).
+        with torch.no_grad():
+            decoded = box_ops.centre_to_corner(box_ops.decode(pred.detach(), pos_anchors))
+            pos_iou = box_ops.paired_box_iou(decoded, box_ops.centre_to_corner(pos_gt))
+        ious = torch.zeros(labels.numel(), device=logits.device)
+        ious[labels > 0] = pos_iou
         loss_cls = iou_balanced_cross_entropy(
-            torch.cat(sampled_logits), labels, ious, eta=self.profile.eta, enabled=self.iou_balance
+            logits[chosen_volume, chosen_anchor], labels, ious, eta=self.profile.eta, enabled=self.iou_balance
         )
-        loss_reg = smooth_l1(torch.cat(pos_deltas), torch.cat(pos_targets))
+        loss_reg = smooth_l1(pred, box_ops.encode(pos_gt, pos_anchors))
         is_pos = labels > 0
         num_pos = is_pos.sum()
         mean_pos_iou = ious[is_pos].mean() if bool(num_pos) else ious.new_zeros(())
@@ -562,6 +620,7 @@ class RPNModel(LandmarkModel):
         }
 
     @torch.no_grad()
+    @single_threaded
     def candidates(self, outputs: dict[str, Tensor], top_k: int | None = None) -> list[list[tuple[Tensor, Tensor]]]:
         """Per volume and landmark, up to ``top_k`` boxes after per-class NMS.
 
@@ -575,8 +634,8 @@ class RPNModel(LandmarkModel):
         results = []
         for volume_logits, volume_deltas in zip(logits, deltas):
             # Ranking on log p is the same as on p; only the kept ones are exponentiated.
-            log_probs = foreground_log_probs(volume_logits.float())  # (K, cells·A)
-            top_log_probs, top_index = top_per_class(log_probs, keep_per_class, self.num_anchors_per_cell)
+            top_log_probs, top_index = top_anchors_per_class(
+                volume_logits.float(), keep_per_class, self.num_anchors_per_cell)
             top_scores = top_log_probs.exp()  # (keep, K)
             per_landmark = []
             for c in range(self.num_classes):

@@ -219,3 +219,11 @@ def test_nms_fast_path_matches_full_matrix():
     kept_iou = B.box_iou(boxes[full], boxes[full]).fill_diagonal_(0)
     assert float(kept_iou.max()) <= 0.3
     assert bool((scores[full][:-1] >= scores[full][1:]).all())
+
+
+def test_hardest_negatives_pick_the_highest_scored_background_only():
+    labels = torch.tensor([0, 0, 2, -1, 0, 0])
+    scores = torch.tensor([0.1, 0.9, 5.0, 7.0, 0.5, 0.8])
+    assert B.hardest_negatives(labels, scores, 2).tolist() == [1, 5]
+    assert B.hardest_negatives(labels, scores, 2, exclude=torch.tensor([1])).tolist() == [5, 4]
+    assert B.hardest_negatives(labels, scores, 10).tolist() == [1, 5, 4, 0]
