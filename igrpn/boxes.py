@@ -394,30 +394,6 @@ def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude
     return torch.topk(scores, count).indices if count > 0 else labels.new_zeros(0)
 
 
-def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude: Tensor | None = None) -> Tensor:
-    """The ``num`` background anchors (``labels == 0``) with the highest ``negative_scores``.
-
-    Args:
-        labels: (A,) int64 from :func:`match_anchors`.
-        negative_scores: (A,) how strongly each anchor is taken for a landmark (e.g. the largest
-            foreground log-odds); higher is harder.
-        num: anchors wanted (fewer come back when there are not enough negatives).
-        exclude: (n,) indices never returned (e.g. those already sampled).
-
-    Returns:
-        (m,) int64 indices into ``labels``, hardest first, m <= num.
-    """
-    if labels.shape != negative_scores.shape or labels.ndim != 1:
-        raise ValueError(f"hardest_negatives: labels {tuple(labels.shape)} and scores "
-                         f"{tuple(negative_scores.shape)} must be the same 1-D shape")
-    scores = negative_scores.detach().clone()
-    scores[labels != 0] = float("-inf")
-    if exclude is not None and exclude.numel():
-        scores[exclude] = float("-inf")
-    count = min(int(num), int(torch.isfinite(scores).sum()))
-    return torch.topk(scores, count).indices if count > 0 else labels.new_zeros(0)
-
-
 def nms(
     boxes_corner: Tensor, scores: Tensor, iou_threshold: float, max_output: int | None = None
 ) -> Tensor:

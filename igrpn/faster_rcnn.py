@@ -40,7 +40,7 @@ from igrpn import boxes as box_ops
 from igrpn.config import Profile
 from igrpn.losses import smooth_l1
 from igrpn.model import (Backbone, LandmarkModel, conv3d_relu, detection_stride, fast_path_applies, pad_to_multiple,
-                         pointwise_head)
+                         pointwise_head, single_threaded)
 from igrpn.ssd import flatten_anchor_outputs, select_per_class
 
 #: Proposals kept per volume before and after stage one's NMS, in training and at test time.
@@ -279,9 +279,9 @@ class FasterRCNNModel(LandmarkModel):
     def _rpn_loss(self, outputs, gt_corner: Tensor, generator) -> tuple[Tensor, Tensor]:
         """Binary objectness (BCE) on sampled anchors and smooth-L1 on the sampled positives."""
         objectness, deltas, anchors = outputs["objectness"], outputs["rpn_deltas"], outputs["anchors"]
-        anchors_corner = box_ops.centre_to_corner(anchors)
+        anchors_corner = self.corner_anchors(anchors)
         object_labels = torch.ones(gt_corner.shape[1], dtype=torch.int64, device=anchors.device)
-        logits, targets, pos_deltas, pos_targets = [], [], [], []
+        chosen_volume, chosen_anchor, targets, pos_volume, pos_anchor, pos_targets = [], [], [], [], [], []
         for volume_index, gt in enumerate(gt_corner):
             labels, matched = box_ops.match_anchors(
                 anchors_corner, gt, object_labels, self.profile.pos_iou, self.profile.neg_iou
@@ -290,13 +290,19 @@ class FasterRCNNModel(LandmarkModel):
                 labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator
             )
             positives = chosen[labels[chosen] > 0]
-            logits.append(objectness[volume_index, chosen])
+            chosen_volume.append(torch.full_like(chosen, volume_index))
+            chosen_anchor.append(chosen)
             targets.append((labels[chosen] > 0).to(objectness.dtype))
-            pos_deltas.append(deltas[volume_index, positives])
+            pos_volume.append(torch.full_like(positives, volume_index))
+            pos_anchor.append(positives)
             gt_centre = box_ops.corner_to_centre(gt[matched[positives]])
             pos_targets.append(box_ops.encode(gt_centre, anchors[positives]))
-        loss_cls = F.binary_cross_entropy_with_logits(torch.cat(logits), torch.cat(targets))
-        loss_reg = smooth_l1(torch.cat(pos_deltas), torch.cat(pos_targets))
+        # One gather per output for the whole batch: each index's backward fills a zero tensor of
+        # the full output, so per-volume gathers cost one such fill per volume.
+        logits = objectness[torch.cat(chosen_volume), torch.cat(chosen_anchor)]
+        pos_deltas = deltas[torch.cat(pos_volume), torch.cat(pos_anchor)]
+        loss_cls = F.binary_cross_entropy_with_logits(logits, torch.cat(targets))
+        loss_reg = smooth_l1(pos_deltas, torch.cat(pos_targets))
         return loss_cls, loss_reg
 
     def _sample_rois(self, rois: Tensor, gt_corner: Tensor, generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -350,6 +356,7 @@ class FasterRCNNModel(LandmarkModel):
         }
 
     @torch.no_grad()
+    @single_threaded
     def candidates(self, outputs: dict[str, Tensor], top_k: int | None = None) -> list[list[tuple[Tensor, Tensor]]]:
         """Per volume and landmark, up to ``top_k`` boxes (``None``: ``profile.top_k``): stage-two
         softmax score of the class, the RoI refined by that class's deltas and clipped to the

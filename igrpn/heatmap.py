@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from igrpn.config import NUM_LANDMARKS, Profile
-from igrpn.model import Backbone, ConvBNReLU, LandmarkModel, _conv_bn_relu, pad_to_multiple
+from igrpn.model import Backbone, ConvBNReLU, LandmarkModel, _conv_bn_relu, pad_to_multiple, single_threaded
 
 
 def cell_centres_vox(size: int, stride: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -208,6 +208,7 @@ class HeatmapModel(LandmarkModel):
         return {"loss": loss, "loss_heatmap": loss.detach(), "mean_dist_vox": distance.mean()}
 
     @torch.no_grad()
+    @single_threaded
     def candidates(self, outputs: dict[str, Tensor], top_k: int | None = None) -> list[list[tuple[Tensor, Tensor]]]:
         """One candidate per landmark: the GT-sized cube centred at the refined arg-max, scored by
         the heatmap's peak value (≈ 1 for a confident peak). ``top_k`` = 0 gives none.

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from igrpn import boxes as box_ops
 from igrpn.config import Profile
 from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
-from igrpn.model import Backbone, LandmarkModel, detection_stride, fast_conv3d, pad_to_multiple
+from igrpn.model import (Backbone, LandmarkModel, detection_stride, fast_conv3d, pad_to_multiple, single_threaded,
+                         top_anchors_per_class)
 
 #: Negatives kept per positive by the hard negative miner (Liu et al., SSD).
 NEGATIVES_PER_POSITIVE = 3
@@ -217,6 +218,7 @@ class SSDModel(LandmarkModel):
         }
 
     @torch.no_grad()
+    @single_threaded
     def candidates(self, outputs: dict[str, Tensor], top_k: int | None = None) -> list[list[tuple[Tensor, Tensor]]]:
         """Per volume and landmark, up to ``top_k`` boxes (``None``: ``profile.top_k``): softmax over
         K+1, decode, the ``pre_nms_top_n`` best anchors of each class, NMS at ``profile.nms_iou``.
@@ -224,9 +226,20 @@ class SSDModel(LandmarkModel):
         Returns ``[volume][landmark] = (boxes (n, 6) centre form voxels, scores (n,))``."""
         top_k = self.profile.top_k if top_k is None else int(top_k)
         anchors = outputs["anchors"]
+        keep_per_class = min(self.pre_nms_top_n, anchors.shape[0])
         results = []
         for volume_logits, volume_deltas in zip(outputs["cls_logits"], outputs["deltas"]):
-            scores = torch.softmax(volume_logits.float(), dim=-1)[:, 1:]  # (A, K)
-            boxes = box_ops.decode(volume_deltas.float(), anchors)
-            results.append(select_per_class(boxes, scores, self.profile.nms_iou, top_k, self.pre_nms_top_n))
+            # The best anchors of each class without a softmax and a top-k over all of them, as the
+            # RPN (igrpn.model.top_anchors_per_class; each cell's anchors form a group); only
+            # they are decoded. Ranking on log p is ranking on p.
+            top_log_probs, top_index = top_anchors_per_class(
+                volume_logits.float(), keep_per_class, math.gcd(*self.anchors_per_cell))
+            top_scores = top_log_probs.exp()  # (keep, K)
+            per_landmark = []
+            for c in range(self.num_classes):
+                index = top_index[:, c]
+                boxes = box_ops.decode(volume_deltas[index].float(), anchors[index])
+                keep = box_ops.nms(box_ops.centre_to_corner(boxes), top_scores[:, c], self.profile.nms_iou, top_k)
+                per_landmark.append((boxes[keep], top_scores[keep, c]))
+            results.append(per_landmark)
         return results
