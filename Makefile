@@ -10,8 +10,11 @@ else
 OUT ?= build/$(PROFILE)/report
 endif
 STAMP  := $(VENV)/.igrpn-installed
+# OpenMP threads that spin while waiting slow small operations 10-100x on a busy 2-core machine
+# (benchmarks/NOTES.md); passive waiting costs nothing measurable elsewhere.
+export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install reproduce test clean-build
+.PHONY: install reproduce test bench clean-build
 
 install: $(STAMP)
 
@@ -27,6 +30,11 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The benchmark suite (report/benchmarks.csv|md); MONAI's RetinaNet peer row needs the `bench` extra.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]" "torch==2.13.0"
+	$(PY) -m benchmarks.bench --out-dir $(OUT)
 
 clean-build:
 	rm -rf build

@@ -80,9 +80,11 @@ class Profile:
     @classmethod
     def from_dict(cls, data: dict) -> "Profile":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown profile fields: {sorted(unknown)}")
+        unknown, missing = set(data) - known, known - set(data)
+        if unknown or missing:
+            # Filling a missing field with today's default could silently build another network.
+            raise ValueError(f"profile from another igrpn version: unknown fields {sorted(unknown)}, "
+                             f"missing fields {sorted(missing)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**values)
 

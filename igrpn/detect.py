@@ -78,10 +78,13 @@ class Detector:
     def from_checkpoint(cls, path: str | Path, prior=None, prior_lambda: float = 0.0) -> "Detector":
         """Build the model a checkpoint describes and load its weights (``weights_only=True``)."""
         from igrpn.model import build_model
-        from igrpn.train import load_checkpoint
+        from igrpn.train import CheckpointError, load_checkpoint
 
         ckpt = load_checkpoint(path)
-        profile = Profile.from_dict(ckpt["config"]["profile"])
+        try:
+            profile = Profile.from_dict(ckpt["config"]["profile"])
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
         model = build_model(ckpt["method"], profile, iou_balance=ckpt["iou_balance"])
         model.load_state_dict(ckpt["model"])
         detector = cls(model, profile, prior=prior, prior_lambda=prior_lambda)

@@ -461,3 +461,35 @@ def paired_bootstrap(
     lo, hi = np.quantile(sample, [alpha / 2, 1 - alpha / 2])
     p_value = min(1.0, 2.0 * min(np.mean(sample <= 0), np.mean(sample >= 0)))
     return {"diff": float(diffs[0]), "lo": float(lo), "hi": float(hi), "p_value": float(p_value)}
+
+
+def confusion(pred: pd.DataFrame, gt: pd.DataFrame) -> pd.DataFrame:
+    """Which ground-truth landmark each final prediction lands nearest to (failure analysis).
+
+    A left eye predicted on the right eye, or a chin on a hand far from every landmark, shows
+    here: rows are the predicted landmark, columns the nearest GT landmark of the same case, plus
+    ``none`` when the nearest one is farther than half its GT box edge. Counts.
+
+    Args:
+        pred: rows ``case_id, landmark, score, x, y, z`` (the highest-scoring row per case and
+            landmark is the answer).
+        gt: rows ``case_id, landmark, x, y, z, w`` (mm).
+
+    Returns:
+        DataFrame (predicted landmark × nearest GT landmark or ``none``) of counts.
+    """
+    pred, gt = _check_inputs(pred, gt)
+    final = pred.sort_values("score", ascending=False).drop_duplicates(["case_id", "landmark"])
+    names = list(dict.fromkeys(gt["landmark"]))
+    counts = pd.DataFrame(0, index=pd.Index(names, name="predicted"),
+                          columns=pd.Index([*names, "none"], name="nearest ground truth"))
+    for case_id, rows in final.groupby("case_id"):
+        truth = gt[gt["case_id"] == case_id]
+        centres = truth[["x", "y", "z"]].to_numpy(dtype=float)
+        points = rows[["x", "y", "z"]].to_numpy(dtype=float)
+        distance = np.linalg.norm(points[:, None, :] - centres[None, :, :], axis=-1)  # (P, G)
+        nearest = distance.argmin(axis=1)
+        for landmark, index, dist in zip(rows["landmark"], nearest, distance[np.arange(len(rows)), nearest]):
+            close = dist <= truth["w"].to_numpy(dtype=float)[index] / 2
+            counts.loc[landmark, truth["landmark"].iloc[index] if close else "none"] += 1
+    return counts

@@ -82,6 +82,22 @@ def finished_run(run_dir: Path, profile_name: str, method: str, iou_balance: boo
             and config["seed"] == seed and ckpt["epoch"] == profile.epochs - 1)
 
 
+def _holds_other_configuration(run_dir: Path, profile_name: str, method: str, iou_balance: bool,
+                               seed: int) -> bool:
+    """True when ``run_dir`` has a checkpoint that training would refuse to resume."""
+    from igrpn.train import CheckpointError, load_checkpoint
+
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        return False
+    try:
+        config = load_checkpoint(path)["config"]
+    except CheckpointError:
+        return True
+    return not (config["profile"] == get_profile(profile_name).to_dict() and config["method"] == method
+                and config["iou_balance"] == iou_balance and config["seed"] == seed)
+
+
 def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifest: str | Path | None = None,
               force: bool = False, seed: int = 0, runs: list[str] | None = None,
               progress: bool = True) -> Path:
@@ -122,6 +138,9 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
         if force and run_dir.exists():
             shutil.rmtree(run_dir)
         reused = finished_run(run_dir, profile_name, method, iou_balance, seed)
+        if not reused and _holds_other_configuration(run_dir, profile_name, method, iou_balance, seed):
+            raise ReproduceError(f"{run_dir / 'checkpoint.pt'} holds a training of another configuration "
+                                 "(another profile, seed or igrpn version): rerun with --force to retrain it")
         parameters = dict(common, method=method, iou_balance=iou_balance, seed=seed, run=run)
         timed(f"02_train {run}", lambda p=parameters, r=run: run_notebook(
             "02_train.ipynb", nb_dir / f"02_train_{r}.ipynb", p, progress), reused=reused)

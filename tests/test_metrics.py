@@ -219,3 +219,22 @@ def test_input_errors_name_the_problem():
     nan.loc[3, "x"] = np.nan
     with pytest.raises(ValueError, match="NaN.*case00"):
         evaluate(nan, gt)
+
+
+def test_confusion_counts_swapped_eyes_and_far_misses():
+    from igrpn.metrics import confusion
+
+    gt = pd.DataFrame([
+        {"case_id": "a", "landmark": "left_eye", "x": 0.0, "y": 0.0, "z": 0.0, "w": 18.2, "h": 18.2, "d": 18.2},
+        {"case_id": "a", "landmark": "right_eye", "x": 30.0, "y": 0.0, "z": 0.0, "w": 18.2, "h": 18.2, "d": 18.2},
+        {"case_id": "a", "landmark": "chin", "x": 15.0, "y": -40.0, "z": 0.0, "w": 31.2, "h": 31.2, "d": 31.2},
+    ])
+    pred = pd.DataFrame([
+        {"case_id": "a", "landmark": "left_eye", "score": 0.9, "x": 29.0, "y": 1.0, "z": 0.0},   # on the right eye
+        {"case_id": "a", "landmark": "right_eye", "score": 0.8, "x": 31.0, "y": 0.0, "z": 0.0},  # right
+        {"case_id": "a", "landmark": "chin", "score": 0.7, "x": 15.0, "y": -100.0, "z": 0.0},    # far from all
+    ]).assign(w=20.0, h=20.0, d=20.0)
+    table = confusion(pred, gt)
+    assert table.loc["left_eye", "right_eye"] == 1 and table.loc["left_eye", "left_eye"] == 0
+    assert table.loc["right_eye", "right_eye"] == 1
+    assert table.loc["chin", "none"] == 1 and int(table.to_numpy().sum()) == 3
