@@ -374,6 +374,33 @@ def _ap_column_note(table1: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def targets_markdown(table1: pd.DataFrame, table2: pd.DataFrame, out_dir: Path) -> str:
+    """The issues' accuracy targets for the `cpu` profile, read off our tables: met or not."""
+    def value(table, label, prior, key, balance=None):
+        rows = table[(table["method"] == label) & (table["prior"] == prior) & (table["status"] == "ok")]
+        if balance is not None:
+            rows = rows[rows["iou_balance"] == balance]
+        return float(rows.iloc[0][key]) if len(rows) else float("nan")
+
+    checks = [
+        ("RPN with IoU balance, top-1 (no prior): d-mean ≤ 6 mm", value(table2, "RPN", False, "d_mean", True), 6.0, "≤"),
+        ("RPN with IoU balance, top-1 (no prior): hit rate at IoU 0.5 ≥ 75 %", value(table2, "RPN", False, "hit50", True), 75.0, "≥"),
+        ("IG-RPN (IoU balance + prior): d-mean ≤ 5 mm", value(table1, "IG-RPN", True, "d_mean"), 5.0, "≤"),
+    ]
+    lines = ["| target | ours | met |", "|---|---|---|"]
+    for text, ours, bound, sense in checks:
+        met = (ours <= bound) if sense == "≤" else (ours >= bound)
+        lines.append(f"| {text} | {_fmt(ours)} | {'yes' if met else '**no**'} |")
+    gap = out_dir / "tables" / "train_test_rpn_ib.csv"
+    if gap.exists():
+        frame = pd.read_csv(gap, index_col=0)
+        lines += ["", "Same model (rpn_ib, no prior) on training and on test volumes — a large training error "
+                  "means under-fitting within the profile's budget, not over-fitting:", "",
+                  "| | training volumes | test volumes |", "|---|---|---|"]
+        lines += [f"| {index} | {_fmt(row.iloc[0])} | {_fmt(row.iloc[1])} |" for index, row in frame.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Path:
     """Write ``out_dir/REPORT.md`` from the tables, figures and step times already on disk."""
     out_dir = Path(out_dir)
@@ -408,6 +435,10 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
         "A claim *holds* when the d-mean falls and the 95 % interval of the change excludes zero.",
         "",
         read("claims.md"),
+        "## The issues' accuracy targets",
+        "",
+        targets_markdown(table1, pd.read_csv(tables / "table2.csv"), out_dir)
+        if len(table1) and (tables / "table2.csv").exists() else "_no table_",
         "## The AP column",
         "",
         _ap_column_note(table1) if len(table1) else "_no table_",
