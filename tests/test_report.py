@@ -48,3 +48,13 @@ def test_claims_table_reads_paired_bootstraps():
     prior_claim = claims[claims["claim"] == "RPN: the prior helps"].iloc[0]
     assert prior_claim["verdict"] == "holds" and prior_claim["d_mean_diff"] == pytest.approx(-6.0)
     assert (claims.loc[claims["claim"] != "RPN: the prior helps", "status"] == "not trained").all()
+
+
+def test_ranking_compares_our_order_with_the_papers():
+    table = pd.DataFrame([
+        {"method": "A", "status": "ok", "d_mean": 3.0, "paper_d_mean": 5.0},
+        {"method": "B", "status": "ok", "d_mean": 4.0, "paper_d_mean": 4.0},
+        {"method": "C", "status": "not trained", "d_mean": np.nan, "paper_d_mean": 1.0},
+    ])
+    text = report.ranking_markdown(table)
+    assert "here: A < B; the paper: B < A" in text and "The orders differ" in text
