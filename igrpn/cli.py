@@ -171,14 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write N phantom volumes OUT/<case_id>.nii.gz and their manifest "
                     "(the options of python -m igrpn.phantom).",
         epilog=PHANTOM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    phantom.add_argument("--out", default="data/phantom", help="folder of the volumes (default: %(default)s)")
-    phantom.add_argument("--n", type=int, default=152, help="number of volumes (default: %(default)s)")
-    phantom.add_argument("--n-test", type=int, default=32, help="test volumes among them (default: %(default)s)")
-    phantom.add_argument("--seed", type=int, default=0, help="data set seed (default: %(default)s)")
-    phantom.add_argument("--grid", type=int, default=128, help="voxels per edge (default: %(default)s)")
-    phantom.add_argument("--spacing", type=float, default=1.3, help="voxel edge in mm (default: %(default)s)")
-    phantom.add_argument("--manifest", default=None, help="manifest path (default: OUT/data_manifest.csv)")
-    phantom.add_argument("--quiet", action="store_true", help="no progress bar")
+    from igrpn import phantom as phantom_module  # its options, not repeated here
+
+    phantom_module.add_arguments(phantom)
     phantom.set_defaults(handler=cmd_phantom)
 
     for name, (module, summary, _example) in DELEGATED.items():

@@ -1313,17 +1313,24 @@ def ensure_dataset(manifest_path, profile, data_dir=None, progress: bool = True)
 
 # ------------------------------------------------------------------------------ command line
 
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The generator's command-line options (shared by ``python -m igrpn.phantom`` and
+    ``igrpn phantom``)."""
+    parser.add_argument("--out", default="data/phantom", help="folder of the volumes (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=152, help="number of volumes (default: %(default)s)")
+    parser.add_argument("--n-test", type=int, default=32, help="test volumes among them (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="data set seed (default: %(default)s)")
+    parser.add_argument("--grid", type=int, default=128, help="voxels per edge (default: %(default)s)")
+    parser.add_argument("--spacing", type=float, default=1.3, help="voxel edge in mm (default: %(default)s)")
+    parser.add_argument("--manifest", default=None, help="manifest path (default: OUT/data_manifest.csv)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
 def main(argv=None) -> None:
     """``python -m igrpn.phantom --out data/phantom --n 152 --seed 0``."""
-    parser = argparse.ArgumentParser(prog="python -m igrpn.phantom", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/phantom", help="folder of the volumes (default data/phantom)")
-    parser.add_argument("--n", type=int, default=152, help="number of volumes (default 152)")
-    parser.add_argument("--n-test", type=int, default=32, help="test volumes among them (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="data set seed (default 0)")
-    parser.add_argument("--grid", type=int, default=128, help="voxels per edge (default 128)")
-    parser.add_argument("--spacing", type=float, default=1.3, help="voxel edge in mm (default 1.3)")
-    parser.add_argument("--manifest", default=None, help="manifest path (default <out>/data_manifest.csv)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m igrpn.phantom",
+                                                   description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     try:
         path = generate_dataset(args.out, n=args.n, seed=args.seed, n_test=args.n_test, grid=args.grid,
