@@ -633,18 +633,33 @@ class RPNModel(LandmarkModel):
         keep_per_class = min(self.pre_nms_top_n, anchors.shape[0])
         results = []
         for volume_logits, volume_deltas in zip(logits, deltas):
-            # Ranking on log p is the same as on p; only the kept ones are exponentiated.
-            top_log_probs, top_index = top_anchors_per_class(
-                volume_logits.float(), keep_per_class, self.num_anchors_per_cell)
-            top_scores = top_log_probs.exp()  # (keep, K)
-            per_landmark = []
-            for c in range(self.num_classes):
-                index = top_index[:, c]
-                boxes = box_ops.decode(volume_deltas[index].float(), anchors[index])
-                keep = box_ops.nms(box_ops.centre_to_corner(boxes), top_scores[:, c], self.profile.nms_iou, top_k)
-                per_landmark.append((boxes[keep], top_scores[keep, c]))
-            results.append(per_landmark)
+            results.append(anchor_candidates(volume_logits, volume_deltas, anchors, keep_per_class,
+                                             self.num_anchors_per_cell, self.profile.nms_iou, top_k))
         return results
+
+
+def anchor_candidates(logits: Tensor, deltas: Tensor, anchors: Tensor, keep_per_class: int,
+                      anchors_per_group: int, nms_iou: float, top_k: int) -> list[tuple[Tensor, Tensor]]:
+    """One volume's candidates per class from K+1-way anchor logits (RPN and SSD).
+
+    Args:
+        logits: (A, K+1) class logits; deltas: (A, 6); anchors: (A, 6) centre form, voxels.
+        keep_per_class: anchors per class decoded and entering NMS.
+        anchors_per_group: anchors per cell (see :func:`top_anchors_per_class`).
+
+    Returns:
+        K tuples ``(boxes (n, 6) centre form voxels, scores (n,))`` by decreasing score, n <= top_k.
+    """
+    # Ranking on log p is the same as on p; only the kept ones are decoded and exponentiated.
+    top_log_probs, top_index = top_anchors_per_class(logits.float(), keep_per_class, anchors_per_group)
+    top_scores = top_log_probs.exp()  # (keep, K)
+    per_class = []
+    for c in range(top_scores.shape[1]):
+        index = top_index[:, c]
+        boxes = box_ops.decode(deltas[index].float(), anchors[index])
+        keep = box_ops.nms(box_ops.centre_to_corner(boxes), top_scores[:, c], nms_iou, top_k)
+        per_class.append((boxes[keep], top_scores[keep, c]))
+    return per_class
 
 
 def build_model(method: str, profile: Profile | str, iou_balance: bool = True) -> LandmarkModel:

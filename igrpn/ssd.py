@@ -31,7 +31,7 @@ from igrpn import boxes as box_ops
 from igrpn.config import Profile
 from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
 from igrpn.model import (Backbone, LandmarkModel, detection_stride, fast_conv3d, pad_to_multiple, single_threaded,
-                         top_anchors_per_class)
+                         anchor_candidates)
 
 #: Negatives kept per positive by the hard negative miner (Liu et al., SSD).
 NEGATIVES_PER_POSITIVE = 3
@@ -232,14 +232,6 @@ class SSDModel(LandmarkModel):
             # The best anchors of each class without a softmax and a top-k over all of them, as the
             # RPN (igrpn.model.top_anchors_per_class; each cell's anchors form a group); only
             # they are decoded. Ranking on log p is ranking on p.
-            top_log_probs, top_index = top_anchors_per_class(
-                volume_logits.float(), keep_per_class, math.gcd(*self.anchors_per_cell))
-            top_scores = top_log_probs.exp()  # (keep, K)
-            per_landmark = []
-            for c in range(self.num_classes):
-                index = top_index[:, c]
-                boxes = box_ops.decode(volume_deltas[index].float(), anchors[index])
-                keep = box_ops.nms(box_ops.centre_to_corner(boxes), top_scores[:, c], self.profile.nms_iou, top_k)
-                per_landmark.append((boxes[keep], top_scores[keep, c]))
-            results.append(per_landmark)
+            results.append(anchor_candidates(volume_logits, volume_deltas, anchors, keep_per_class,
+                                             math.gcd(*self.anchors_per_cell), self.profile.nms_iou, top_k))
         return results
