@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from igrpn.config import LANDMARKS, Profile
+from igrpn.config import LANDMARKS, LEFT_RIGHT_PAIRS, Profile
+from igrpn.prior import face_handedness
 
 PREDICTION_COLUMNS = ("landmark", "class_id", "rank", "selected", "score", "x", "y", "z",
                       "i", "j", "k", "w", "h", "d")
@@ -65,13 +66,16 @@ class Detector:
             paper; 0 is the paper's method).
     """
 
-    def __init__(self, model, profile: Profile, prior=None, prior_lambda: float = 0.0):
+    def __init__(self, model, profile: Profile, prior=None, prior_lambda: float = 0.0,
+                 handedness: int | None = None):
         from igrpn.prior import GraphPrior
 
         self.model = model.eval()
         self.profile = profile
         self.prior = GraphPrior.load(prior) if isinstance(prior, (str, Path)) else prior
         self.prior_lambda = prior_lambda
+        #: +1/−1: answer the eyes as a pair named by the face's handedness (see select_answers)
+        self.handedness = handedness
         self.last_timing: dict[str, float] = {}
 
     @classmethod
@@ -87,10 +91,17 @@ class Detector:
             raise CheckpointError(f"{path}: {error}") from None
         model = build_model(ckpt["method"], profile, iou_balance=ckpt["iou_balance"])
         model.load_state_dict(ckpt["model"])
-        detector = cls(model, profile, prior=prior, prior_lambda=prior_lambda)
+        detector = cls(model, profile, prior=prior, prior_lambda=prior_lambda, handedness=ckpt.get("handedness"))
         detector.method = ckpt["method"]
         detector.iou_balance = ckpt["iou_balance"]
         return detector
+
+    def pairing(self) -> dict:
+        """``select_answers``' eye-pair arguments: the handedness, and half the eye box as the
+        least distance between the two eyes' answers."""
+        eye_box_mm = min(self.profile.gt_box_mm[a] for pair in LEFT_RIGHT_PAIRS for a in pair)
+        return {"handedness": self.handedness, "min_pair_distance_mm": eye_box_mm / 2,
+                "pair_eyes": self.handedness is not None or self.profile.merge_mirror_pairs}
 
     @torch.no_grad()
     def predict_grid(self, volume: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
@@ -113,7 +124,9 @@ class Detector:
         start = time.perf_counter()
         per_landmark = self.model.candidates(outputs, top_k=self.profile.top_k)[0]
         rows = self._candidate_rows(per_landmark, np.asarray(affine, dtype=np.float64))
-        rows = select_answers(rows, self.prior, self.prior_lambda)
+        #: the candidates before any selection (predict_cases selects them again with a prior)
+        self.last_candidates = rows
+        rows = select_answers(rows, self.prior, self.prior_lambda, **self.pairing())
         post_ms = (time.perf_counter() - start) * 1e3
         self.last_timing = {"model_ms": model_ms, "postprocess_ms": post_ms, "total_ms": model_ms + post_ms}
         return rows
@@ -170,12 +183,22 @@ class Detector:
         return pd.DataFrame.from_records(records, columns=list(PREDICTION_COLUMNS))
 
 
-def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0) -> pd.DataFrame:
+def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0, handedness: int | None = None,
+                   min_pair_distance_mm: float = 0.0, pair_eyes: bool | None = None) -> pd.DataFrame:
     """Return a copy of one volume's candidate rows with one ``selected`` row per landmark.
 
     Without a prior the highest-scoring candidate (rank 0) of each landmark is the answer; with a
     fitted ``GraphPrior`` it is the candidate of the combination with the lowest penalty (Eq. 4)
     over the k⁵ combinations. A landmark without candidates keeps none.
+
+    With ``handedness`` (+1 or −1, :func:`igrpn.prior.fit_handedness`; beyond the paper, see
+    ``Profile.merge_mirror_pairs``) the two eyes are answered as a pair: two places at least
+    ``min_pair_distance_mm`` apart (the best pair by the product of scores, or the prior's best
+    such combination), then named left and right by the sign of
+    :func:`igrpn.prior.face_handedness` of the five answers: if it is the wrong one, the two eyes'
+    candidate rows exchange their names. ``pair_eyes`` (default: when ``handedness`` is given)
+    asks for the pair alone, e.g. for a checkpoint without a measured handedness: the two places
+    are then named by score.
     """
     rows = rows.copy()
     rows["selected"] = False
@@ -183,15 +206,65 @@ def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0) ->
         return rows
     groups = [rows.index[rows["landmark"] == name] for name in LANDMARKS]
     groups = [g[np.argsort(rows.loc[g, "rank"].to_numpy())] for g in groups]
+    centres = [rows.loc[g, ["x", "y", "z"]].to_numpy(dtype=np.float64) for g in groups]
+    scores = [rows.loc[g, "score"].to_numpy(dtype=np.float64) for g in groups]
+    pairs = LEFT_RIGHT_PAIRS if (handedness is not None if pair_eyes is None else pair_eyes) else ()
     choice = [0] * len(LANDMARKS)
     if prior is not None and all(len(g) > 0 for g in groups):
-        centres = [rows.loc[g, ["x", "y", "z"]].to_numpy(dtype=np.float64) for g in groups]
-        scores = [rows.loc[g, "score"].to_numpy(dtype=np.float64) for g in groups]
-        choice = [int(c) for c in prior.select(centres, scores=scores, lam=prior_lambda)]
+        result = prior.select_all(centres, scores=scores, lam=prior_lambda)
+        costs = np.asarray(result["costs"], dtype=np.float64).copy()
+        for a, b in pairs:
+            # A pair's two answers must be two places: combinations putting both on one are out.
+            gap = np.linalg.norm(centres[a][result["combinations"][:, a]] - centres[b][result["combinations"][:, b]],
+                                 axis=1)
+            costs[gap < min_pair_distance_mm] = np.inf
+        choice = [int(c) for c in result["combinations"][int(np.argmin(costs))]]
+    elif pairs:
+        for a, b in pairs:
+            if len(groups[a]) and len(groups[b]):
+                choice[a], choice[b] = _best_pair(centres[a], scores[a], centres[b], scores[b], min_pair_distance_mm)
     for group, index in zip(groups, choice):
         if len(group):
             rows.loc[group[index], "selected"] = True
+    if pairs and handedness is not None and all(len(g) for g in groups):
+        answers = np.stack([c[i] for c, i in zip(centres, choice)])
+        if np.sign(face_handedness(answers)) == -np.sign(handedness):
+            for a, b in pairs:  # the mirror image: exchange the two lists' names
+                rows.loc[groups[a], ["landmark", "class_id"]] = [LANDMARKS[b], b + 1]
+                rows.loc[groups[b], ["landmark", "class_id"]] = [LANDMARKS[a], a + 1]
+    for a, b in pairs:
+        if (len(groups[a]) and choice[a] != choice[b] and len(groups[a]) == len(groups[b])
+                and np.array_equal(centres[a], centres[b])):
+            rows = _split_pooled_pair(rows, groups[a], groups[b], choice[a], choice[b])
     return rows
+
+
+def _split_pooled_pair(rows: pd.DataFrame, group_a, group_b, answer_a: int, answer_b: int) -> pd.DataFrame:
+    """Give each place of a pooled (merged-score) eye list to one eye only: the one whose answer
+    is nearer (ties to the first), so that no place is listed, and counted by AP, under both names.
+    ``group_a``/``group_b`` hold the same places in the same order; ranks are renumbered."""
+    centres = rows.loc[group_a, ["x", "y", "z"]].to_numpy(dtype=np.float64)
+    to_a = np.linalg.norm(centres - centres[answer_a], axis=1)
+    to_b = np.linalg.norm(centres - centres[answer_b], axis=1)
+    keep_in_a = to_a <= to_b
+    keep_in_a[answer_a], keep_in_a[answer_b] = True, False
+    drop = list(np.asarray(group_a)[~keep_in_a]) + list(np.asarray(group_b)[keep_in_a])
+    rows = rows.drop(index=drop)
+    for name in rows["landmark"].unique():
+        mask = rows["landmark"] == name
+        rows.loc[mask, "rank"] = rows.loc[mask, "rank"].rank(method="first").astype(int) - 1
+    return rows.sort_values(["class_id", "rank"]).reset_index(drop=True)
+
+
+def _best_pair(centres_a, scores_a, centres_b, scores_b, min_distance: float) -> tuple[int, int]:
+    """Indices (i, j) of the highest score product s_a[i]·s_b[j] with the two centres at least
+    ``min_distance`` apart ((0, 0) when no pair is)."""
+    product = np.outer(scores_a, scores_b)
+    product[np.linalg.norm(centres_a[:, None] - centres_b[None], axis=-1) < min_distance] = -np.inf
+    if not np.isfinite(product).any():
+        return 0, 0
+    i, j = np.unravel_index(int(np.argmax(product)), product.shape)
+    return int(i), int(j)
 
 
 def predict_cases(detector: Detector, cases, prior=None, progress: bool = True):
@@ -215,7 +288,9 @@ def predict_cases(detector: Detector, cases, prior=None, progress: bool = True):
             times = dict(detector.last_timing, case_id=case.case_id, prior_ms=float("nan"))
             if prior is not None:
                 start = time.perf_counter()
-                with_prior.append(select_answers(rows, prior, detector.prior_lambda))
+                chosen = select_answers(detector.last_candidates, prior, detector.prior_lambda, **detector.pairing())
+                chosen.insert(0, "case_id", case.case_id)
+                with_prior.append(chosen)
                 times["prior_ms"] = (time.perf_counter() - start) * 1e3
             timing.append(times)
     finally:

@@ -10,8 +10,41 @@ from torch import Tensor
 _EPS = 1e-12
 
 
+def merge_mirror_classes(logits: Tensor, labels: Tensor, pairs) -> tuple[Tensor, Tensor]:
+    """Fold each (a, b) class pair into class a: p'_a = p_a + p_b, class b dropped.
+
+    A set-valued label: an anchor of either class is right when its probability mass lies on
+    either of the two, so the net is not asked for a left/right it cannot see.
+
+    Args:
+        logits: (N, K+1) class logits, background first.
+        labels: (N,) int64 class ids.
+        pairs: ((a, b), ...) class ids, a < b.
+
+    Returns:
+        logits (N, K+1−len(pairs)) with column a = logsumexp(l_a, l_b) (so the softmax gives
+        p_a + p_b) and column b removed; labels with b mapped to a and the ids above b shifted down.
+    """
+    pairs = sorted(tuple(int(c) for c in pair) for pair in pairs)
+    if not pairs:
+        return logits, labels
+    keep = list(range(logits.shape[1]))
+    merged = logits.clone()
+    new_labels = labels.clone()
+    for a, b in pairs:
+        if not 0 < a < b < logits.shape[1]:
+            raise ValueError(f"merge_mirror_classes: pair {(a, b)} must be class ids 0 < a < b < {logits.shape[1]}")
+        merged[:, a] = torch.logsumexp(logits[:, [a, b]], dim=1)
+        new_labels[labels == b] = a
+        keep.remove(b)
+    # Renumber the remaining classes to 0..len(keep)-1.
+    lookup = torch.full((logits.shape[1],), -1, dtype=torch.int64, device=labels.device)
+    lookup[torch.as_tensor(keep, device=labels.device)] = torch.arange(len(keep), device=labels.device)
+    return merged[:, keep], lookup[new_labels]
+
+
 def iou_balanced_cross_entropy(
-    logits: Tensor, labels: Tensor, ious: Tensor, eta: float = 1.75, enabled: bool = True
+    logits: Tensor, labels: Tensor, ious: Tensor, eta: float = 1.75, enabled: bool = True, mirror_pairs=()
 ) -> Tensor:
     """IoU-balanced cross-entropy over a batch of sampled anchors (paper Eq. 2–3).
 
@@ -28,6 +61,8 @@ def iou_balanced_cross_entropy(
             negatives).
         eta: the exponent η (paper: 1.75).
         enabled: ``False`` gives the plain mean cross-entropy.
+        mirror_pairs: class-id pairs scored as one class (:func:`merge_mirror_classes`); empty:
+            every class on its own (the paper).
 
     Returns:
         scalar loss.
@@ -44,6 +79,7 @@ def iou_balanced_cross_entropy(
             f"iou_balanced_cross_entropy: labels must be in [0, {logits.shape[1] - 1}] "
             "(drop ignored anchors before the loss)"
         )
+    logits, labels = merge_mirror_classes(logits, labels, mirror_pairs)
     ce = F.cross_entropy(logits, labels, reduction="none")
     if not enabled:
         return ce.mean()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from igrpn import boxes as box_ops
-from igrpn.config import LANDMARKS, METHODS, NUM_LANDMARKS, Profile, get_profile
+from igrpn.config import LANDMARKS, LEFT_RIGHT_CLASS_PAIRS, METHODS, NUM_LANDMARKS, Profile, get_profile
 from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
 
 #: The backbone down-samples three times, so input edges must be multiples of 2³.
@@ -340,6 +340,11 @@ class LandmarkModel(nn.Module):
         """The same anchors as :meth:`anchors`, in corner form (cached too)."""
         return self._anchor_pair(grid_shape, stride, sizes_vox, device)[1]
 
+    @property
+    def mirror_pairs(self) -> tuple[tuple[int, int], ...]:
+        """Class-id pairs trained and scored as one class (``profile.merge_mirror_pairs``), or ()."""
+        return LEFT_RIGHT_CLASS_PAIRS if self.profile.merge_mirror_pairs else ()
+
     # --- reproducible sampling ------------------------------------------------------------------
     def sampling_generator(self) -> torch.Generator:
         """A CPU generator seeded from a per-model call counter, so that a training run that makes
@@ -581,6 +586,12 @@ class RPNModel(LandmarkModel):
                 # that look most like a landmark matter most; random sampling rarely meets them.
                 volume_logits = logits[volume_index].detach()
                 hardness = volume_logits[:, 1:].max(dim=1).values - volume_logits[:, 0]
+                # Only places outside every GT box: a wrong-shaped anchor on a landmark is a
+                # negative too, but its box centre is still the right answer; the look-alikes
+                # elsewhere (skull, uterine wall, hands) are what move the top-1 answer.
+                inside = ((anchors[:, None, :3] - gt_centre[None, :, :3]).abs()
+                          <= gt_centre[None, :, 3:] / 2).all(dim=2).any(dim=1)
+                hardness = hardness.masked_fill(inside, float("-inf"))
                 hard = box_ops.hardest_negatives(labels, hardness, self.profile.hard_negatives_per_volume,
                                                  exclude=chosen)
                 chosen = torch.cat([chosen, hard])
@@ -605,7 +616,8 @@ class RPNModel(LandmarkModel):
         ious = torch.zeros(labels.numel(), device=logits.device)
         ious[labels > 0] = pos_iou
         loss_cls = iou_balanced_cross_entropy(
-            logits[chosen_volume, chosen_anchor], labels, ious, eta=self.profile.eta, enabled=self.iou_balance
+            logits[chosen_volume, chosen_anchor], labels, ious, eta=self.profile.eta, enabled=self.iou_balance,
+            mirror_pairs=self.mirror_pairs,
         )
         loss_reg = smooth_l1(pred, box_ops.encode(pos_gt, pos_anchors))
         is_pos = labels > 0
@@ -634,30 +646,48 @@ class RPNModel(LandmarkModel):
         results = []
         for volume_logits, volume_deltas in zip(logits, deltas):
             results.append(anchor_candidates(volume_logits, volume_deltas, anchors, keep_per_class,
-                                             self.num_anchors_per_cell, self.profile.nms_iou, top_k))
+                                             self.num_anchors_per_cell, self.profile.nms_iou, top_k,
+                                             self.mirror_pairs))
         return results
 
 
 def anchor_candidates(logits: Tensor, deltas: Tensor, anchors: Tensor, keep_per_class: int,
-                      anchors_per_group: int, nms_iou: float, top_k: int) -> list[tuple[Tensor, Tensor]]:
+                      anchors_per_group: int, nms_iou: float, top_k: int,
+                      mirror_pairs=()) -> list[tuple[Tensor, Tensor]]:
     """One volume's candidates per class from K+1-way anchor logits (RPN and SSD).
 
     Args:
         logits: (A, K+1) class logits; deltas: (A, 6); anchors: (A, 6) centre form, voxels.
         keep_per_class: anchors per class decoded and entering NMS.
         anchors_per_group: anchors per cell (see :func:`top_anchors_per_class`).
+        mirror_pairs: class-id pairs (a, b) scored as one class, p_a + p_b: both get the same
+            list of up to ``2·top_k`` boxes (two places per rank: the left and the right one).
 
     Returns:
-        K tuples ``(boxes (n, 6) centre form voxels, scores (n,))`` by decreasing score, n <= top_k.
+        K tuples ``(boxes (n, 6) centre form voxels, scores (n,))`` by decreasing score, n <= top_k
+        (2·top_k for a mirror pair).
     """
+    logits = logits.float()
+    if mirror_pairs:
+        # softmax of [logsumexp(l_a, l_b), −inf] at (a, b) gives (p_a + p_b, 0), the rest unchanged.
+        logits = logits.clone()
+        for a, b in mirror_pairs:
+            logits[:, a] = torch.logsumexp(logits[:, [a, b]], dim=1)
+            logits[:, b] = float("-inf")
     # Ranking on log p is the same as on p; only the kept ones are decoded and exponentiated.
-    top_log_probs, top_index = top_anchors_per_class(logits.float(), keep_per_class, anchors_per_group)
+    top_log_probs, top_index = top_anchors_per_class(logits, keep_per_class, anchors_per_group)
     top_scores = top_log_probs.exp()  # (keep, K)
+    pair_of = {b - 1: a - 1 for a, b in mirror_pairs}
+    paired = {a - 1 for a, _ in mirror_pairs}
     per_class = []
     for c in range(top_scores.shape[1]):
+        if c in pair_of:
+            per_class.append(per_class[pair_of[c]])  # the merged class's list (a < b: built already)
+            continue
         index = top_index[:, c]
         boxes = box_ops.decode(deltas[index].float(), anchors[index])
-        keep = box_ops.nms(box_ops.centre_to_corner(boxes), top_scores[:, c], nms_iou, top_k)
+        wanted = 2 * top_k if c in paired else top_k
+        keep = box_ops.nms(box_ops.centre_to_corner(boxes), top_scores[:, c], nms_iou, wanted)
         per_class.append((boxes[keep], top_scores[keep, c]))
     return per_class
 

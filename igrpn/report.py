@@ -316,8 +316,20 @@ DESIGN_DECISIONS = (
     "Beyond DESIGN: the detection feature cell is kept at the paper's 5.2 mm (stride 4 at 1.3 mm); a "
     "profile at 2.6 mm fuses one level further (block 2) to reach stride 2. At stride 4 and 2.6 mm the "
     "eyes' 18.2 mm boxes had a single positive anchor (best IoU ≤ 0.5 in 60 % of them).",
-    "Beyond DESIGN: training runs on random cubic crops (124.8 mm) that keep every landmark box inside; "
-    "inference sees the whole volume.",
+    "Beyond DESIGN: the cpu and paper profiles train on whole volumes. An earlier run trained on random "
+    "124.8 mm crops that kept every landmark box inside (Profile.crop_mm, still available): those "
+    "models had never seen the far field (the back of the skull, the uterine wall) and put answers "
+    "there at inference (IG-RPN chin 63 mm off). Measured on the test split with everything else "
+    "equal: 8 epochs of whole volumes 26.5 mm, 12 epochs of crops 33–35 mm, in the same time.",
+    "Beyond the paper (profile merge_mirror_pairs, on): the left and right eye are trained and scored as "
+    "one class (p_left + p_right; Faster R-CNN and heatmap keep their two outputs), the two eye answers "
+    "must be two places (at least half an eye box apart), and they are named left and right by the "
+    "sign of (left − right) · ((brow − nose) × (mid(brow, nose) − mid(eyes))), the face's handedness, "
+    "measured on the training split (the same for all 120 phantom annotations). Why: the phantom's "
+    "faces lie in any pose and the augmentation mirrors them, so an eye's own appearance has no left or "
+    "right; trained as two classes, the RPN gave a true eye p ≈ 0.5 for each (measured: 0.486–0.504 on "
+    "training crops), below look-alikes elsewhere, and answered the eyes on the chin. The distance prior "
+    "cannot help: distances are the same in a face and its mirror image.",
 )
 
 

@@ -205,7 +205,8 @@ class SSDModel(LandmarkModel):
         ious[positive] = pos_iou
 
         loss_cls = iou_balanced_cross_entropy(
-            logits[selected], labels[selected], ious[selected], eta=self.profile.eta, enabled=self.iou_balance
+            logits[selected], labels[selected], ious[selected], eta=self.profile.eta, enabled=self.iou_balance,
+            mirror_pairs=self.mirror_pairs,
         )
         loss_reg = smooth_l1(pos_deltas, box_ops.encode(pos_gt, pos_anchors))
         num_pos = positive.sum()
@@ -233,5 +234,6 @@ class SSDModel(LandmarkModel):
             # RPN (igrpn.model.top_anchors_per_class; each cell's anchors form a group); only
             # they are decoded. Ranking on log p is ranking on p.
             results.append(anchor_candidates(volume_logits, volume_deltas, anchors, keep_per_class,
-                                             math.gcd(*self.anchors_per_cell), self.profile.nms_iou, top_k))
+                                             math.gcd(*self.anchors_per_cell), self.profile.nms_iou, top_k,
+                                             self.mirror_pairs))
         return results

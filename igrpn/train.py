@@ -30,6 +30,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -181,29 +182,29 @@ def _same_run(a: dict, b: dict) -> bool:
 
 
 @torch.no_grad()
-def validate(model, cases, profile: Profile) -> dict:
-    """Mean landmark distance (mm) and hit rate at IoU 0.5 of the top-1 candidates on ``cases``."""
+def validate(model, cases, profile: Profile, handedness: int | None = None) -> dict:
+    """Mean landmark distance (mm) and hit rate at IoU 0.5 of the answers without the prior on
+    ``cases``, selected as :class:`igrpn.detect.Detector` selects them."""
     from igrpn.boxes import box_iou, centre_to_corner, landmark_boxes
-    from igrpn.data import collate
+    from igrpn.detect import Detector
 
-    model.eval()
-    device = next(model.parameters()).device
-    box_vox = torch.tensor([profile.mm_to_vox(b) for b in profile.gt_box_mm], dtype=torch.float32, device=device)
+    detector = Detector(model, profile, handedness=handedness)  # puts the model in eval mode
+    box_vox = torch.tensor([profile.mm_to_vox(b) for b in profile.gt_box_mm], dtype=torch.float32)
     distances, hits = [], []
     for case in cases:
-        batch = collate([{"volume": torch.from_numpy(case.volume)[None],
-                          "landmarks_vox": torch.as_tensor(case.landmarks_vox, dtype=torch.float32),
-                          "case_id": case.case_id}])
-        outputs = model(batch["volume"].to(device))
-        per_landmark = model.candidates(outputs, top_k=1)[0]
-        gt_boxes = landmark_boxes(batch["landmarks_vox"][0].to(device), box_vox)
-        for index, (boxes, _scores) in enumerate(per_landmark):
-            if len(boxes) == 0:
+        rows = detector.predict_grid(case.volume, case.affine)
+        answers = rows[rows["selected"]].set_index("class_id")
+        gt_boxes = landmark_boxes(torch.as_tensor(case.landmarks_vox, dtype=torch.float32), box_vox)
+        for index in range(config.NUM_LANDMARKS):
+            if index + 1 not in answers.index:
                 distances.append(float("nan"))
                 hits.append(0.0)
                 continue
-            distances.append(float(torch.linalg.norm(boxes[0, :3] - gt_boxes[index, :3])) * profile.spacing_mm)
-            iou = box_iou(centre_to_corner(boxes[:1]), centre_to_corner(gt_boxes[index : index + 1]))
+            answer = answers.loc[index + 1]
+            box = torch.tensor([[answer["i"], answer["j"], answer["k"], *(answer[["w", "h", "d"]].to_numpy(float)
+                                                                          / profile.spacing_mm)]], dtype=torch.float32)
+            distances.append(float(torch.linalg.norm(box[0, :3] - gt_boxes[index, :3])) * profile.spacing_mm)
+            iou = box_iou(centre_to_corner(box), centre_to_corner(gt_boxes[index : index + 1]))
             hits.append(float(iou[0, 0] >= 0.5))
     model.train()
     return {"val_d_mean_mm": float(np.nanmean(distances)), "val_hit50": float(np.mean(hits))}
@@ -274,6 +275,14 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
     by_id = {case.case_id: case for case in cases}
     train_cases = [by_id[i] for i in train_ids]
     val_cases = [by_id[i] for i in val_ids]
+    handedness = None
+    if profile.merge_mirror_pairs:
+        # The sign that names the two eyes at inference, measured on the training annotations.
+        from igrpn.prior import fit_handedness
+        handedness, agreement = fit_handedness(np.stack([case.landmarks_mm for case in train_cases]))
+        if agreement < 0.95:
+            warnings.warn(f"{manifest}: only {agreement:.0%} of the training landmark sets share one handedness "
+                          "(left and right eye swapped in some annotations?)", stacklevel=2)
 
     model = distributed.place_model(build_model(method, profile, iou_balance=iou_balance), context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
@@ -357,7 +366,7 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
         if not context.is_main:
             distributed.barrier()  # wait for rank 0's validation and checkpoint
             continue
-        row.update(validate(model, val_cases, profile))
+        row.update(validate(model, val_cases, profile, handedness))
         log_rows.append(row)
         if progress:
             tqdm.write(f"epoch {epoch + 1}: loss {row['loss']:.4f}  val d-mean {row['val_d_mean_mm']:.2f} mm"
@@ -375,6 +384,7 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
             "optimizer": optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "world_size": context.world_size,
+            "handedness": handedness,
         }, ckpt_path)
         write_log(log_rows, log_path)
         distributed.barrier()

@@ -49,6 +49,7 @@ def make_checkpoint(path, method: str = "rpn", profile_name: str = "smoke", seed
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        "handedness": 1,
     }, path)
     return path
 

@@ -6,6 +6,7 @@ checked for columns and rows; the fast path is checked against the plain path's 
 
 import copy
 import csv
+import dataclasses
 import math
 import subprocess
 import sys
@@ -93,9 +94,11 @@ def test_bench_rejects_bad_arguments(capsys):
 def test_parse_sizes_and_training_edges():
     cpu, paper, small = bench.parse_sizes("cpu, paper, smoke:16")
     assert (cpu.edge, cpu.profile.width, cpu.label) == (64, 16, "64^3")
-    assert cpu.train_edges() == [48, 64]  # 124.8 mm crop at 2.6 mm, and the whole volume
-    assert (paper.edge, paper.profile.width, paper.train_edges()) == (128, 32, [96, 128])
-    assert small.train_edges() == [16]  # the smoke profile does not crop
+    assert cpu.train_edges() == [64]  # the cpu and paper profiles train on whole volumes
+    assert (paper.edge, paper.profile.width, paper.train_edges()) == (128, 32, [128])
+    assert small.train_edges() == [16]
+    cropped = bench.Size(dataclasses.replace(cpu.profile, crop_mm=124.8), 64)
+    assert cropped.train_edges() == [48, 64]  # a 124.8 mm crop at 2.6 mm, and the whole volume
 
 
 def test_flop_count_of_known_layers():
@@ -205,14 +208,17 @@ def test_rpn_candidates_unchanged_by_the_faster_top_k():
     assert outputs["anchors"].shape[0] > 10 * model.pre_nms_top_n  # the grouped path is taken
     found = model.candidates(outputs, top_k=2)[0]
     logits, deltas, anchors = outputs["cls_logits"][0], outputs["deltas"][0], outputs["anchors"]
-    log_probs = logits[:, 1:] - torch.logsumexp(logits, dim=-1, keepdim=True)
-    top_log_probs, top_index = log_probs.t().topk(model.pre_nms_top_n, dim=1)
+    probs = logits.softmax(dim=-1)[:, 1:]
+    probs[:, 0] = probs[:, 0] + probs[:, 2]  # the eyes scored as one class (merge_mirror_pairs)
+    top_probs, top_index = probs.t().topk(model.pre_nms_top_n, dim=1)
     for c, (boxes, scores) in enumerate(found):
+        c = 0 if c == 2 else c  # the right eye's list is the merged one
         index = top_index[c]
         expected_boxes = box_ops.decode(deltas[index], anchors[index])
-        keep = box_ops.nms(box_ops.centre_to_corner(expected_boxes), top_log_probs[c].exp(), SMOKE.nms_iou, 2)
+        wanted = 4 if c == 0 else 2
+        keep = box_ops.nms(box_ops.centre_to_corner(expected_boxes), top_probs[c], SMOKE.nms_iou, wanted)
         assert torch.equal(boxes, expected_boxes[keep])
-        torch.testing.assert_close(scores, top_log_probs[c].exp()[keep], rtol=1e-5, atol=0)
+        torch.testing.assert_close(scores, top_probs[c][keep], rtol=1e-5, atol=0)
 
 
 def test_fast_path_tracks_weight_changes_and_keeps_training_and_state_dict():

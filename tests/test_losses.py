@@ -91,3 +91,21 @@ def test_smooth_l1_known_values():
     assert smooth_l1(pred, target, beta=1.0).item() == pytest.approx((0.5 + 0.5 * 0.05 ** 2) / 2, rel=1e-6)
     empty = smooth_l1(pred[:0], target[:0])
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_mirror_pair_merge_sums_probabilities_and_relabels():
+    from igrpn.losses import merge_mirror_classes
+
+    logits = torch.tensor([[0.0, 1.0, 0.5, 2.0], [1.0, 0.0, 0.0, 0.0]])
+    labels = torch.tensor([3, 2])
+    merged, new_labels = merge_mirror_classes(logits, labels, [(1, 3)])
+    p = logits.softmax(-1)
+    # classes (0, 1+3, 2) -> (0, 1, 2): p'_1 = p_1 + p_3, class 2 keeps its probability
+    assert torch.allclose(merged.softmax(-1), torch.stack([p[:, 0], p[:, 1] + p[:, 3], p[:, 2]], 1))
+    assert new_labels.tolist() == [1, 2]
+    # an eye positive split 50/50 between left and right is a perfect "eye": no loss left
+    split = torch.tensor([[-30.0, 5.0, -30.0, 5.0]])
+    assert iou_balanced_cross_entropy(split, torch.tensor([1]), torch.ones(1), mirror_pairs=[(1, 3)]) < 1e-6
+    assert iou_balanced_cross_entropy(split, torch.tensor([1]), torch.ones(1)) == pytest.approx(LOG2, abs=1e-6)
+    with pytest.raises(ValueError, match="pair"):
+        merge_mirror_classes(logits, labels, [(3, 1)])

@@ -289,3 +289,19 @@ def test_normal_quantiles_and_normality_summary():
     assert skew == pytest.approx(2 / 2**1.5)
     with pytest.raises(ValueError, match="N ≥ 3"):
         normality_summary(np.zeros((2, 6)))
+
+
+def test_handedness_tells_a_face_from_its_mirror_image():
+    from igrpn.prior import face_handedness, fit_handedness
+
+    _prior, faces = _fitted_prior(jitter_mm=0.3)  # FACE's brow is in the eyes' plane: keep jitter small
+    signs = np.sign(face_handedness(faces))
+    assert (signs == np.sign(face_handedness(FACE))).all()  # rotations, shifts, scale keep it
+    mirrored = faces * np.array([1.0, 1.0, -1.0])  # any mirror flips it
+    assert (np.sign(face_handedness(mirrored)) == -signs).all()
+    swapped = faces[:, [2, 1, 0, 3, 4]]  # so does exchanging the eyes' names
+    assert (np.sign(face_handedness(swapped)) == -signs).all()
+    sign, agreement = fit_handedness(np.concatenate([faces, swapped[:3]]))
+    assert sign == signs[0] and agreement == pytest.approx(len(faces) / (len(faces) + 3))
+    with pytest.raises(ValueError, match="expected landmarks"):
+        face_handedness(np.zeros((4, 3)))
