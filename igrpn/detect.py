@@ -3,7 +3,8 @@
 ``Detector.from_checkpoint(path).predict(volume, affine)`` returns one row per candidate box:
 the model's top-k boxes per landmark after per-class NMS (paper §2.3: k = 2), with the answer for
 each landmark marked ``selected`` — the highest-scoring candidate without the prior, the
-candidate of the lowest-penalty combination with it.
+candidate of the lowest-penalty combination with it. Beyond the paper, the two eyes are answered
+as a pair of distinct places named left and right by the face's handedness (:func:`select_answers`).
 """
 
 from __future__ import annotations

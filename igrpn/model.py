@@ -398,7 +398,7 @@ def single_threaded(function):
 _SCORE_CHUNK = 16384
 
 
-def class_major_log_probs(logits: Tensor) -> Tensor:
+def class_major_log_probs(logits: Tensor, mirror_pairs=()) -> Tensor:
     """Log-softmax of anchors' class logits, returned class-major for the foreground classes.
 
     The logits are transposed first so that the reductions over the K+1 classes run along
@@ -408,6 +408,8 @@ def class_major_log_probs(logits: Tensor) -> Tensor:
 
     Args:
         logits: (M, K+1) class logits of M anchors (class 0 = background).
+        mirror_pairs: class-id pairs (a, b) scored as one class: row a holds log(p_a + p_b),
+            row b −inf.
 
     Returns:
         (K, M) log-probabilities of classes 1..K.
@@ -415,11 +417,15 @@ def class_major_log_probs(logits: Tensor) -> Tensor:
     columns = logits.t().contiguous()  # (K+1, M)
     top = columns.amax(dim=0)
     log_sum = (columns - top).exp_().sum(dim=0).log_().add_(top)
-    return columns[1:] - log_sum
+    log_probs = columns[1:] - log_sum
+    for a, b in mirror_pairs:  # on contiguous rows: no copy of the (M, K+1) logits
+        log_probs[a - 1] = torch.logaddexp(log_probs[a - 1], log_probs[b - 1])
+        log_probs[b - 1] = float("-inf")
+    return log_probs
 
 
 def top_anchors_per_class(logits: Tensor, k: int, group_size: int = 1,
-                          chunk: int = _SCORE_CHUNK) -> tuple[Tensor, Tensor]:
+                          chunk: int = _SCORE_CHUNK, mirror_pairs=()) -> tuple[Tensor, Tensor]:
     """The ``k`` anchors of highest softmax probability for each foreground class, as
     ``class_major_log_probs(logits).topk(k, dim=1)``, without ranking (or even storing) the
     log-probabilities of every anchor when the anchors come in groups (the A anchors of a cell).
@@ -436,6 +442,7 @@ def top_anchors_per_class(logits: Tensor, k: int, group_size: int = 1,
         k: how many to keep per class, ``0 <= k <= M``.
         group_size: anchors per group (1: no grouping: score everything, plain top-k).
         chunk: anchors per chunk of the first pass.
+        mirror_pairs: class-id pairs scored as one class (see :func:`class_major_log_probs`).
 
     Returns:
         log-probabilities (k, K), by decreasing value in each column, and their anchor indices
@@ -450,18 +457,25 @@ def top_anchors_per_class(logits: Tensor, k: int, group_size: int = 1,
         rows = max(1, chunk // group_size) * group_size
         group_max = logits.new_empty(num_classes, num_groups)
         for start in range(0, num_anchors, rows):
-            scores = class_major_log_probs(logits[start:start + rows])
+            scores = class_major_log_probs(logits[start:start + rows], mirror_pairs)
             first = start // group_size
             group_max[:, first:first + scores.shape[1] // group_size] = (
                 scores.view(num_classes, -1, group_size).amax(dim=2))
         bound, best_groups = group_max.topk(k, dim=1)  # (K, k) each
-        # Pass 2: exact log-probabilities of the anchors of every class's k best groups.
-        groups = torch.unique(best_groups)  # sorted
+        # Pass 2: exact log-probabilities of the anchors of every class's k best groups (a class
+        # merged into its mirror partner has none worth scoring).
+        dropped = {b - 1 for _, b in mirror_pairs}
+        live = [c for c in range(num_classes) if c not in dropped]
+        groups = torch.unique(best_groups[live])  # sorted
         anchors = (groups[:, None] * group_size + torch.arange(group_size, device=logits.device)).reshape(-1)
-        scores = class_major_log_probs(logits[anchors]).view(num_classes, groups.numel(), group_size)
-        position = torch.searchsorted(groups, best_groups)  # (K, k): rows of `scores`
+        scores = class_major_log_probs(logits[anchors], mirror_pairs).view(num_classes, groups.numel(), group_size)
+        position = torch.searchsorted(groups, best_groups).clamp_max(groups.numel() - 1)  # (K, k): rows of `scores`
         values, indices = [], []
         for c in range(num_classes):
+            if c in dropped:
+                values.append(bound.new_full((k,), float("-inf")))
+                indices.append(best_groups.new_zeros(k))
+                continue
             block = scores[c, position[c]].reshape(-1)
             candidates = torch.nonzero(block >= bound[c, -1]).reshape(-1)
             if candidates.numel() < k:  # only with NaN logits: rank everything below
@@ -471,7 +485,7 @@ def top_anchors_per_class(logits: Tensor, k: int, group_size: int = 1,
             indices.append(anchors.view(-1, group_size)[position[c]].reshape(-1)[candidates[top]])
         else:
             return torch.stack(values, dim=1), torch.stack(indices, dim=1)
-    top_values, top = class_major_log_probs(logits).topk(k, dim=1)
+    top_values, top = class_major_log_probs(logits, mirror_pairs).topk(k, dim=1)
     return top_values.t(), top.t()
 
 
@@ -667,15 +681,9 @@ def anchor_candidates(logits: Tensor, deltas: Tensor, anchors: Tensor, keep_per_
         K tuples ``(boxes (n, 6) centre form voxels, scores (n,))`` by decreasing score, n <= top_k
         (2·top_k for a mirror pair).
     """
-    logits = logits.float()
-    if mirror_pairs:
-        # softmax of [logsumexp(l_a, l_b), −inf] at (a, b) gives (p_a + p_b, 0), the rest unchanged.
-        logits = logits.clone()
-        for a, b in mirror_pairs:
-            logits[:, a] = torch.logsumexp(logits[:, [a, b]], dim=1)
-            logits[:, b] = float("-inf")
     # Ranking on log p is the same as on p; only the kept ones are decoded and exponentiated.
-    top_log_probs, top_index = top_anchors_per_class(logits, keep_per_class, anchors_per_group)
+    top_log_probs, top_index = top_anchors_per_class(logits.float(), keep_per_class, anchors_per_group,
+                                                     mirror_pairs=mirror_pairs)
     top_scores = top_log_probs.exp()  # (keep, K)
     pair_of = {b - 1: a - 1 for a, b in mirror_pairs}
     paired = {a - 1 for a, _ in mirror_pairs}

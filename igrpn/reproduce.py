@@ -114,6 +114,11 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
         raise ValueError(f"unknown runs {sorted(unknown)}; expected some of {list(RUN_CONFIGS)}")
     for sub in ("tables", "figures", "notebooks", "runs", "predictions"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    if set(runs) == set(RUN_CONFIGS):
+        # Every figure is drawn again below; one left from an earlier run (e.g. another volume
+        # chosen for Fig. 4) would otherwise be listed in REPORT.md as if current.
+        for stale in (out_dir / "figures").glob("*.png"):
+            stale.unlink()
     common = {"profile": profile_name, "manifest": str(manifest), "report_dir": str(out_dir)}
     steps: list[dict] = []
 

@@ -11,8 +11,12 @@ from igrpn import reproduce
 
 def test_smoke_reproduction_end_to_end(smoke_manifest, tmp_path):
     out = tmp_path / "report"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "fig4_from_an_earlier_run.png").write_bytes(b"stale")
     report = reproduce.reproduce("smoke", out, manifest=smoke_manifest, progress=False)
     text = report.read_text()
+    assert not (out / "figures" / "fig4_from_an_earlier_run.png").exists()
+    assert "fig4_from_an_earlier_run" not in text
     assert "synthetic fetal-face ultrasound phantom" in text
     assert "## Table 1" in text and "## Table 2" in text
     for name in ("table1", "table2", "claims"):

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -45,6 +46,13 @@ def test_rpn_training_loss_falls_and_checkpoint_loads_weights_only(smoke_manifes
     assert ckpt["method"] == "rpn" and ckpt["config"]["profile"]["name"] == "smoke"
     assert ckpt["global_step"] == int(log["step"].max())
     assert not list((tmp_path / "run").glob("*.tmp"))
+    # the training split's handedness, as the annotations give it (phantom faces are never mirrored)
+    from igrpn.data import landmarks_from_row, read_manifest
+    from igrpn.prior import face_handedness
+
+    table = read_manifest(smoke_manifest)
+    signs = {int(np.sign(face_handedness(landmarks_from_row(row)))) for _, row in table.iterrows()}
+    assert signs == {ckpt["handedness"]}
 
 
 def test_interrupted_training_resumes_to_the_same_steps_and_weights(smoke_manifest, profile, tmp_path):
