@@ -273,9 +273,10 @@ class GraphPrior:
         """
         terms = self._log_terms(landmarks_mm)
         peak = terms.max(axis=-1, keepdims=True)
-        # subtract the largest term before exponentiating; an infinite peak stays infinite
+        # subtract the largest term before exponentiating; an infinite peak stays infinite (a set
+        # with coincident landmarks, e.g. both eyes on one place of a pooled eye list)
         safe_peak = np.where(np.isfinite(peak), peak, 0.0)
-        with np.errstate(invalid="ignore", under="ignore"):
+        with np.errstate(invalid="ignore", under="ignore", over="ignore"):
             summed = np.exp(terms - safe_peak).sum(axis=-1)
         return np.where(np.isfinite(peak[..., 0]), safe_peak[..., 0] + np.log(summed), np.inf)
 
