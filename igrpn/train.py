@@ -184,30 +184,22 @@ def _same_run(a: dict, b: dict) -> bool:
 @torch.no_grad()
 def validate(model, cases, profile: Profile, handedness: int | None = None) -> dict:
     """Mean landmark distance (mm) and hit rate at IoU 0.5 of the answers without the prior on
-    ``cases``, selected as :class:`igrpn.detect.Detector` selects them."""
-    from igrpn.boxes import box_iou, centre_to_corner, landmark_boxes
+    ``cases``, selected as :class:`igrpn.detect.Detector` selects them and scored as the report's
+    tables are (:func:`igrpn.metrics.evaluate`)."""
+    import pandas as pd
+
     from igrpn.detect import Detector
+    from igrpn.metrics import evaluate
+    from igrpn.report import answers, ground_truth
 
     detector = Detector(model, profile, handedness=handedness)  # puts the model in eval mode
-    box_vox = torch.tensor([profile.mm_to_vox(b) for b in profile.gt_box_mm], dtype=torch.float32)
-    distances, hits = [], []
+    rows = []
     for case in cases:
-        rows = detector.predict_grid(case.volume, case.affine)
-        answers = rows[rows["selected"]].set_index("class_id")
-        gt_boxes = landmark_boxes(torch.as_tensor(case.landmarks_vox, dtype=torch.float32), box_vox)
-        for index in range(config.NUM_LANDMARKS):
-            if index + 1 not in answers.index:
-                distances.append(float("nan"))
-                hits.append(0.0)
-                continue
-            answer = answers.loc[index + 1]
-            box = torch.tensor([[answer["i"], answer["j"], answer["k"], *(answer[["w", "h", "d"]].to_numpy(float)
-                                                                          / profile.spacing_mm)]], dtype=torch.float32)
-            distances.append(float(torch.linalg.norm(box[0, :3] - gt_boxes[index, :3])) * profile.spacing_mm)
-            iou = box_iou(centre_to_corner(box), centre_to_corner(gt_boxes[index : index + 1]))
-            hits.append(float(iou[0, 0] >= 0.5))
+        chosen = answers(detector.predict_grid(case.volume, case.affine))
+        rows.append(chosen.assign(case_id=case.case_id))
     model.train()
-    return {"val_d_mean_mm": float(np.nanmean(distances)), "val_hit50": float(np.mean(hits))}
+    result = evaluate(pd.concat(rows, ignore_index=True), ground_truth(cases))
+    return {"val_d_mean_mm": result["d_mean"], "val_hit50": result["hit50"]}
 
 
 def train(
