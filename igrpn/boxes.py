@@ -267,12 +267,66 @@ def landmark_boxes(landmarks_vox: Tensor, box_vox) -> Tensor:
     return torch.cat([landmarks_vox, sizes], dim=-1)
 
 
+def grid_anchors_near(boxes_corner: Tensor, grid_shape, stride: int, sizes_vox, min_iou: float = 0.0) -> Tensor:
+    """Rows of ``make_anchors(grid_shape, stride, sizes_vox)`` that may reach an IoU of at least
+    ``min_iou`` with one of the boxes (``min_iou = 0``: that overlap one at all).
+
+    Along an axis an anchor of edge ``a`` and a box of edge ``g`` whose centres are ``δ`` apart
+    overlap by at most ``(a + g)/2 − |δ|``. IoU ≥ τ needs the intersection ≥ τ(V_a + V_g)/(1 + τ),
+    so along x an overlap of at least that over ``min(a_y, g_y)·min(a_z, g_z)``, hence
+    ``|δ_x| <= (a_x + g_x)/2 − that``; the cells within the widest such reach over all anchor
+    shapes, along each axis, are kept with all their anchors. Cells are found from the grid's
+    geometry, so the cost does not grow with the number of anchors.
+
+    Args:
+        boxes_corner: (G, 6) corner form, voxels.
+        grid_shape, stride, sizes_vox: as for :func:`make_anchors`.
+        min_iou: τ in [0, 1).
+
+    Returns:
+        (C,) int64 anchor indices, increasing (C = A · cells near a box).
+    """
+    _check_boxes(boxes_corner, "boxes_corner", "grid_anchors_near", ndim=2)
+    if not 0.0 <= min_iou < 1.0:
+        raise ValueError(f"grid_anchors_near: min_iou must be in [0, 1), got {min_iou}")
+    grid_shape = tuple(int(g) for g in grid_shape)
+    sizes = torch.as_tensor(sizes_vox, dtype=torch.float64).reshape(-1)
+    per_cell = sizes.numel() ** 3
+    shapes = torch.stack(torch.meshgrid(sizes, sizes, sizes, indexing="ij"), dim=-1).reshape(-1, 3)  # (A, 3)
+    offset = (stride - 1) / 2  # centre of cell 0 (make_anchors)
+    near = torch.zeros(grid_shape, dtype=torch.bool)
+    for box in boxes_corner.detach().cpu().double():
+        edges, centre = box[3:] - box[:3], (box[3:] + box[:3]) / 2
+        smaller = torch.minimum(shapes, edges)  # (A, 3)
+        needed = min_iou * (shapes.prod(1) + edges.prod()) / (1 + min_iou)  # (A,) intersection volume
+        # Overlap needed along each axis when the other two overlap fully.
+        other_two = torch.stack([smaller[:, 1] * smaller[:, 2], smaller[:, 0] * smaller[:, 2],
+                                 smaller[:, 0] * smaller[:, 1]], dim=1)
+        overlap = needed[:, None] / other_two
+        reachable = (overlap <= smaller).all(dim=1)  # shapes that can reach min_iou at all
+        if not bool(reachable.any()):
+            continue
+        reach = ((shapes + edges) / 2 - overlap)[reachable].amax(dim=0)  # (3,) largest |δ| per axis
+        window = []
+        for axis, cells in enumerate(grid_shape):
+            # Cells whose centre stride·i + offset lies within reach (a hair wider against rounding).
+            slack = 1e-6 * (1.0 + abs(float(centre[axis])))
+            first = math.ceil((float(centre[axis] - reach[axis]) - slack - offset) / stride)
+            last = math.floor((float(centre[axis] + reach[axis]) + slack - offset) / stride)
+            window.append(slice(max(first, 0), max(min(last, cells - 1) + 1, 0)))
+        near[tuple(window)] = True
+    cells = torch.nonzero(near.reshape(-1)).reshape(-1)
+    index = cells[:, None] * per_cell + torch.arange(per_cell)
+    return index.reshape(-1).to(boxes_corner.device)
+
+
 def match_anchors(
     anchors_corner: Tensor,
     gt_corner: Tensor,
     gt_labels: Tensor,
     pos_iou: float = 0.5,
     neg_iou: float = 0.25,
+    candidates: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Label anchors against ground-truth boxes (paper §3).
 
@@ -288,6 +342,11 @@ def match_anchors(
         gt_corner: (G, 6) corner form, voxels.
         gt_labels: (G,) class ids (> 0).
         pos_iou, neg_iou: thresholds, ``neg_iou <= pos_iou``.
+        candidates: optional (C,) int64 indices of the anchors to compute IoUs for; every other
+            anchor is taken as background. They must hold every anchor with an IoU of at least
+            ``neg_iou`` with some GT (:func:`grid_anchors_near` with ``min_iou=neg_iou``); the
+            result is then the same as without them (a GT whose best candidate stays below
+            ``neg_iou`` may have its best anchor elsewhere: all anchors are matched then).
 
     Returns:
         labels: (A,) int64, −1 ignored, 0 background, c > 0 the matched GT's class.
@@ -304,14 +363,31 @@ def match_anchors(
             f"match_anchors: {gt_corner.shape[0]} GT boxes but {gt_labels.numel()} labels"
         )
     num_anchors = anchors_corner.shape[0]
+    device = anchors_corner.device
     if gt_corner.shape[0] == 0:
-        zeros = torch.zeros(num_anchors, dtype=torch.int64, device=anchors_corner.device)
+        zeros = torch.zeros(num_anchors, dtype=torch.int64, device=device)
         return zeros, zeros.clone()
+    if candidates is not None:
+        candidates = torch.as_tensor(candidates, dtype=torch.int64, device=device).reshape(-1)
+        # Laid out (G, C): see below.
+        iou = box_iou(gt_corner, anchors_corner[candidates])
+        if neg_iou > 0 and iou.shape[1] and bool((iou.amax(dim=1) >= neg_iou).all()):
+            # Every other anchor has IoU < neg_iou with every GT (background) and is no GT's best.
+            sub_labels, sub_matched = _labels_from_iou(iou, gt_labels, pos_iou, neg_iou)
+            labels = torch.zeros(num_anchors, dtype=torch.int64, device=device)
+            matched_gt = torch.zeros_like(labels)
+            labels[candidates], matched_gt[candidates] = sub_labels, sub_matched
+            return labels, matched_gt
     # Laid out (G, A): the reductions over the few GT boxes then run along contiguous rows of
     # anchors (IoU is symmetric: the values of box_iou(anchors, gt), transposed).
-    iou = box_iou(gt_corner, anchors_corner)  # (G, A)
+    return _labels_from_iou(box_iou(gt_corner, anchors_corner), gt_labels, pos_iou, neg_iou)
+
+
+def _labels_from_iou(iou: Tensor, gt_labels: Tensor, pos_iou: float, neg_iou: float) -> tuple[Tensor, Tensor]:
+    """:func:`match_anchors`' labels from the (G, A) IoUs of G GT boxes with A anchors."""
+    num_anchors = iou.shape[1]
     max_iou, matched_gt = iou.max(dim=0)
-    labels = torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors_corner.device)
+    labels = torch.full((num_anchors,), -1, dtype=torch.int64, device=iou.device)
     labels[max_iou < neg_iou] = 0
     above = max_iou > pos_iou
     labels[above] = gt_labels[matched_gt[above]]
@@ -357,17 +433,38 @@ def sample_balanced(
         raise ValueError(f"sample_balanced: positive_fraction must be in [0, 1], got {positive_fraction}")
     if num < 0:
         raise ValueError(f"sample_balanced: num must be >= 0, got {num}")
-    positives = torch.nonzero(labels > 0).reshape(-1)
-    negatives = torch.nonzero(labels == 0).reshape(-1)
-    num_pos = min(int(num * positive_fraction), positives.numel())
-    num_neg = min(num - num_pos, negatives.numel())
+    is_positive, is_negative = labels > 0, labels == 0
+    num_pos = min(int(num * positive_fraction), int(is_positive.sum()))
+    num_neg = min(num - num_pos, int(is_negative.sum()))
+    return torch.cat([_draw_distinct(is_positive, num_pos, generator),
+                      _draw_distinct(is_negative, num_neg, generator)])
 
-    def draw(candidates: Tensor, count: int) -> Tensor:
-        # randperm on the generator's device (CPU), then index on the labels' device.
+
+def _draw_distinct(mask: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
+    """``count`` distinct indices drawn uniformly among the True entries of ``mask`` (1-D), in
+    random order; ``count`` must not exceed the number of True entries.
+
+    A few hundred draws among two million background anchors: uniform draws over all positions,
+    rejected where ``mask`` is False or already drawn, instead of listing and permuting every
+    candidate (that cost ~30 ms per volume). Dense cases use the permutation."""
+    total, size = int(mask.sum()), mask.numel()
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.int64, device=mask.device)
+    if 16 * count > total or 2 * total < size:
+        candidates = torch.nonzero(mask).reshape(-1)
+        # randperm on the generator's device (CPU), then index on the mask's device.
         order = torch.randperm(candidates.numel(), generator=generator)[:count]
         return candidates[order.to(candidates.device)]
-
-    return torch.cat([draw(positives, num_pos), draw(negatives, num_neg)])
+    chosen: dict[int, None] = {}  # insertion-ordered set
+    while len(chosen) < count:
+        # At least half the positions are candidates: each round keeps over half of its draws.
+        draws = torch.randint(size, (2 * (count - len(chosen)) + 16,), generator=generator)
+        accepted = mask[draws.to(mask.device)].cpu()
+        for index in draws[accepted].tolist():
+            chosen.setdefault(index)
+            if len(chosen) == count:
+                break
+    return torch.tensor(list(chosen), dtype=torch.int64, device=mask.device)
 
 
 def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude: Tensor | None = None) -> Tensor:

@@ -139,7 +139,8 @@ def roi_align_3d(
         # Average the sampling points of each bin: a ratio³ average pool (each RoI's Sx = Ox·ratio
         # rows along the first axis hold whole bins), much faster than a mean over strided axes.
         pooled = F.avg_pool3d(sampled, sampling_ratio) if sampling_ratio > 1 else sampled
-        result[sel] = pooled.reshape(c, sel.numel(), *out).transpose(0, 1)
+        # grid_sample runs in fp32 under autocast: back to the features' dtype (bf16 there).
+        result[sel] = pooled.reshape(c, sel.numel(), *out).transpose(0, 1).to(result.dtype)
     return result
 
 
@@ -284,7 +285,8 @@ class FasterRCNNModel(LandmarkModel):
         chosen_volume, chosen_anchor, targets, pos_volume, pos_anchor, pos_targets = [], [], [], [], [], []
         for volume_index, gt in enumerate(gt_corner):
             labels, matched = box_ops.match_anchors(
-                anchors_corner, gt, object_labels, self.profile.pos_iou, self.profile.neg_iou
+                anchors_corner, gt, object_labels, self.profile.pos_iou, self.profile.neg_iou,
+                candidates=self.anchors_near(anchors, gt, self.profile.neg_iou),
             )
             chosen = box_ops.sample_balanced(
                 labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator

@@ -340,6 +340,33 @@ class LandmarkModel(nn.Module):
         """The same anchors as :meth:`anchors`, in corner form (cached too)."""
         return self._anchor_pair(grid_shape, stride, sizes_vox, device)[1]
 
+    def concatenated_anchors(self, grids, device=None) -> Tensor:
+        """Cached concatenation of the anchors of several grids, each ``(grid_shape, stride,
+        sizes_vox)`` as for :meth:`anchors` (the SSD's two scales): (A₁ + A₂ + …, 6) centre form."""
+        grids = tuple((tuple(int(g) for g in shape), int(stride), tuple(float(s) for s in sizes))
+                      for shape, stride, sizes in grids)
+        key = ("concat", grids, str(torch.device(device or "cpu")))
+        if key not in self._anchor_cache:
+            centre = torch.cat([self.anchors(shape, stride, sizes, device) for shape, stride, sizes in grids])
+            self._anchor_cache[key] = (centre, box_ops.centre_to_corner(centre))
+        return self._anchor_cache[key][0]
+
+    def anchors_near(self, anchors: Tensor, gt_corner: Tensor, min_iou: float) -> Tensor | None:
+        """Indices of the rows of ``anchors`` that may reach IoU ``min_iou`` with one of the
+        ``gt_corner`` (G, 6) boxes (:func:`igrpn.boxes.grid_anchors_near`), for
+        :func:`igrpn.boxes.match_anchors`'s ``candidates`` (``min_iou`` = its ``neg_iou``); None when ``anchors`` is not a tensor that :meth:`anchors` or
+        :meth:`concatenated_anchors` returned (the matching then looks at every anchor)."""
+        for key, (centre, _) in self._anchor_cache.items():
+            if centre is not anchors:
+                continue
+            grids = key[1] if key[0] == "concat" else ((key[0], key[1], key[2]),)
+            parts, offset = [], 0
+            for shape, stride, sizes in grids:
+                parts.append(box_ops.grid_anchors_near(gt_corner, shape, stride, sizes, min_iou) + offset)
+                offset += math.prod(shape) * len(sizes) ** 3
+            return torch.cat(parts).to(anchors.device)
+        return None
+
     @property
     def mirror_pairs(self) -> tuple[tuple[int, int], ...]:
         """Class-id pairs trained and scored as one class (``profile.merge_mirror_pairs``), or ()."""
@@ -588,9 +615,10 @@ class RPNModel(LandmarkModel):
         gt_centres = self.gt_boxes(landmarks_vox)  # (N, 5, 6)
         chosen_volume, chosen_anchor, chosen_labels, pos_volume, pos_anchor, pos_gt = [], [], [], [], [], []
         for volume_index, gt_centre in enumerate(gt_centres):
+            gt_corner = box_ops.centre_to_corner(gt_centre)
             labels, matched = box_ops.match_anchors(
-                anchors_corner, box_ops.centre_to_corner(gt_centre), gt_labels,
-                self.profile.pos_iou, self.profile.neg_iou,
+                anchors_corner, gt_corner, gt_labels, self.profile.pos_iou, self.profile.neg_iou,
+                candidates=self.anchors_near(anchors, gt_corner, self.profile.neg_iou),
             )
             chosen = box_ops.sample_balanced(
                 labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator

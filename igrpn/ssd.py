@@ -157,7 +157,7 @@ class SSDModel(LandmarkModel):
         voxels (stride-4 anchors first, then stride-8).
         """
         features = self.backbone(pad_to_multiple(volumes))
-        logits, deltas, anchors = [], [], []
+        logits, deltas, grids = [], [], []
         for (key, stride, sizes), cls_head, reg_head, per_cell in zip(
             self.scales, self.cls_heads, self.reg_heads, self.anchors_per_cell
         ):
@@ -167,8 +167,9 @@ class SSDModel(LandmarkModel):
             reg_out = fast_conv3d(self, f"reg_{key}", reg_head, feature)
             logits.append(flatten_anchor_outputs(cls_out, per_cell, self.num_classes + 1))
             deltas.append(flatten_anchor_outputs(reg_out, per_cell, 6))
-            anchors.append(self.anchors(feature.shape[2:], stride, sizes, device=feature.device))
-        return {"cls_logits": torch.cat(logits, 1), "deltas": torch.cat(deltas, 1), "anchors": torch.cat(anchors)}
+            grids.append((feature.shape[2:], stride, sizes))
+        anchors = self.concatenated_anchors(grids, device=volumes.device)
+        return {"cls_logits": torch.cat(logits, 1), "deltas": torch.cat(deltas, 1), "anchors": anchors}
 
     def loss(self, outputs: dict[str, Tensor], landmarks_vox: Tensor) -> dict[str, Tensor]:
         """Softmax cross-entropy on all positives and the 3:1 hardest negatives (IoU-balanced on the
@@ -178,18 +179,18 @@ class SSDModel(LandmarkModel):
         """
         logits, deltas, anchors = outputs["cls_logits"], outputs["deltas"], outputs["anchors"]
         landmarks_vox = self._check_landmarks(torch.as_tensor(landmarks_vox, device=logits.device), logits.shape[0])
-        anchors_corner = box_ops.centre_to_corner(anchors)
+        anchors_corner = self.corner_anchors(anchors)
         gt_labels = torch.arange(1, self.num_classes + 1, device=logits.device)
         gt_centre = self.gt_boxes(landmarks_vox)  # (N, 5, 6)
 
-        # Match every volume's anchors to its five GT cubes.
+        # Match every volume's anchors to its five GT cubes (IoUs only near the cubes).
         labels, matched = zip(*(
-            box_ops.match_anchors(anchors_corner, box_ops.centre_to_corner(g), gt_labels,
-                                  self.profile.pos_iou, self.profile.neg_iou)
-            for g in gt_centre
+            box_ops.match_anchors(anchors_corner, g, gt_labels, self.profile.pos_iou, self.profile.neg_iou,
+                                  candidates=self.anchors_near(anchors, g, self.profile.neg_iou))
+            for g in box_ops.centre_to_corner(gt_centre)
         ))
         labels, matched = torch.stack(labels), torch.stack(matched)  # (N, A) each
-        background_loss = -F.log_softmax(logits.detach(), dim=-1)[..., 0]
+        background_loss = -F.log_softmax(logits.detach().float(), dim=-1)[..., 0]  # fp32 under autocast too
         selected = (labels > 0) | hard_negative_mask(background_loss, labels)
 
         positive = labels > 0

@@ -227,8 +227,8 @@ def train(
         resume: continue from ``out_dir/checkpoint.pt`` when it is of the same configuration.
         max_epochs: stop after this many epochs in total (for tests of interruption); the learning
             rate schedule still follows ``profile.epochs``.
-        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available). On CUDA, forward and loss run
-            under bf16 autocast. Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel, see
+        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available). Forward and loss run under
+            bf16 autocast where the device computes bf16 natively (``profile.mixed_precision``). Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel, see
             :mod:`igrpn.distributed`; the checkpoint is the same as a single process's.
         max_steps_per_epoch: cut every epoch to at most this many optimiser steps (benchmarks and
             quick checks; part of the run's configuration, the schedule follows the cut epochs).
@@ -257,6 +257,9 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
     from igrpn.model import build_model
 
     run_config = _run_config(profile, method, iou_balance, seed, manifest, context.world_size, max_steps_per_epoch)
+    # For the record only (not a resume key): the arithmetic this machine trains in.
+    use_bf16 = profile.mixed_precision and distributed.mixed_precision(context.device)
+    run_config["precision"] = "bf16 autocast" if use_bf16 else "fp32"
     ckpt_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / LOG_NAME
 
     seed_everything(seed)
@@ -336,7 +339,7 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
                 group["lr"] = lr
             step_start = time.perf_counter()
             volumes = batch["volume"].to(context.device, non_blocking=True)
-            with distributed.autocast(context.device):
+            with distributed.autocast(context.device, enabled=profile.mixed_precision):
                 losses = model.loss(net(volumes), batch["landmarks_vox"].to(context.device))
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()

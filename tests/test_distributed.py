@@ -51,7 +51,10 @@ def test_without_torchrun_the_context_is_a_group_of_one(no_torchrun_env):
     placed = distributed.place_model(model, context)
     assert isinstance(placed[1], nn.BatchNorm3d) and not isinstance(placed[1], nn.SyncBatchNorm)
     assert distributed.wrap_model(placed, context) is placed and distributed.unwrap(placed) is placed
-    with distributed.autocast(context.device):  # fp32 on the CPU
+    expected = torch.bfloat16 if distributed.mixed_precision(context.device) else torch.float32
+    with distributed.autocast(context.device):  # bf16 only on a CPU with native bf16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected
+    with distributed.autocast(context.device, enabled=False):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
