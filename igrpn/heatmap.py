@@ -90,7 +90,8 @@ def balanced_mse(pred: Tensor, target: Tensor) -> Tensor:
             f"balanced_mse: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have "
             "the same shape (N, L, X, Y, Z)"
         )
-    target = target.to(pred.dtype)
+    # fp32 even under bf16 autocast: a sum over ~10⁵ weighted squares needs more than bf16's 8 bits.
+    pred, target = pred.float(), target.float()
     num_voxels = target[0, 0].numel()
     # λ per heatmap; a heatmap whose Gaussian lies wholly outside the grid gets plain MSE.
     mass = target.flatten(2).sum(-1)[..., None, None, None]

@@ -356,3 +356,22 @@ def test_a_few_steps_reduce_the_loss_and_candidates_cover_five_landmarks(method)
             assert torch.equal(per_volume[0][0], per_volume[2][0])
             assert bool((scores[:-1] >= scores[1:]).all())  # sorted by score
             assert bool((boxes[:, 3:] > 0).all())
+
+
+@pytest.mark.parametrize("method", ["rpn", "ssd", "faster_rcnn", "heatmap"])
+def test_loss_and_backward_run_under_bf16_autocast(method):
+    # What training does on a GPU or a CPU with native bf16 (igrpn.distributed.autocast); forced
+    # here, emulated where the CPU lacks it. Every loss must come out fp32 and finite, and every
+    # trained weight must get a gradient.
+    torch.manual_seed(0)
+    model = build_model(method, SMOKE, iou_balance=True)
+    model.train()
+    volumes = torch.rand(2, 1, 32, 32, 32)
+    landmarks = LANDMARKS_32.expand(2, -1, -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(volumes)
+        losses = model.loss(outputs, landmarks)
+    assert losses["loss"].dtype == torch.float32 and bool(torch.isfinite(losses["loss"]))
+    losses["loss"].backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
