@@ -467,7 +467,8 @@ def _draw_distinct(mask: Tensor, count: int, generator: torch.Generator | None) 
     return torch.tensor(list(chosen), dtype=torch.int64, device=mask.device)
 
 
-def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude: Tensor | None = None) -> Tensor:
+def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude: Tensor | None = None,
+                      group_size: int = 1) -> Tensor:
     """The ``num`` background anchors (``labels == 0``) with the highest ``negative_scores``.
 
     Args:
@@ -476,6 +477,9 @@ def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude
             foreground log-odds); higher is harder.
         num: anchors wanted (fewer come back when there are not enough negatives).
         exclude: (n,) indices never returned (e.g. those already sampled).
+        group_size: anchors per group (the A anchors of a cell, groups contiguous): the hardest
+            lie among the ``num`` groups of highest maximum, so only those are ranked (the same
+            result as ranking all, without a top-k over millions).
 
     Returns:
         (m,) int64 indices into ``labels``, hardest first, m <= num.
@@ -483,11 +487,20 @@ def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude
     if labels.shape != negative_scores.shape or labels.ndim != 1:
         raise ValueError(f"hardest_negatives: labels {tuple(labels.shape)} and scores "
                          f"{tuple(negative_scores.shape)} must be the same 1-D shape")
-    scores = negative_scores.detach().clone()
+    scores = negative_scores.detach().float().clone()
     scores[labels != 0] = float("-inf")
     if exclude is not None and exclude.numel():
         scores[exclude] = float("-inf")
-    count = min(int(num), int(torch.isfinite(scores).sum()))
+    num = int(num)
+    num_groups = scores.numel() // max(int(group_size), 1)
+    if group_size > 1 and num_groups * group_size == scores.numel() and 0 < num < num_groups:
+        # The num hardest anchors lie in the num groups of highest maximum (each of those holds
+        # one anchor at least as hard as any anchor outside them).
+        groups = scores.view(num_groups, group_size).amax(dim=1).topk(num).indices
+        members = (groups[:, None] * group_size + torch.arange(group_size, device=scores.device)).reshape(-1)
+        count = min(num, int(torch.isfinite(scores[members]).sum()))
+        return members[torch.topk(scores[members], count).indices] if count > 0 else labels.new_zeros(0)
+    count = min(num, int(torch.isfinite(scores).sum()))
     return torch.topk(scores, count).indices if count > 0 else labels.new_zeros(0)
 
 

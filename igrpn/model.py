@@ -627,15 +627,18 @@ class RPNModel(LandmarkModel):
                 # The top-scoring anchor of each class is the answer, so the background anchors
                 # that look most like a landmark matter most; random sampling rarely meets them.
                 volume_logits = logits[volume_index].detach()
-                hardness = volume_logits[:, 1:].max(dim=1).values - volume_logits[:, 0]
+                hardness = volume_logits[:, 1:].amax(dim=1).float().sub_(volume_logits[:, 0].float())
                 # Only places outside every GT box: a wrong-shaped anchor on a landmark is a
                 # negative too, but its box centre is still the right answer; the look-alikes
-                # elsewhere (skull, uterine wall, hands) are what move the top-1 answer.
-                inside = ((anchors[:, None, :3] - gt_centre[None, :, :3]).abs()
+                # elsewhere (skull, uterine wall, hands) are what move the top-1 answer. The A
+                # anchors of a cell share its centre: test the cells.
+                per_cell = self.num_anchors_per_cell
+                cell_centres = anchors[::per_cell, :3]
+                inside = ((cell_centres[:, None] - gt_centre[None, :, :3]).abs()
                           <= gt_centre[None, :, 3:] / 2).all(dim=2).any(dim=1)
-                hardness = hardness.masked_fill(inside, float("-inf"))
+                hardness.view(-1, per_cell)[inside] = float("-inf")
                 hard = box_ops.hardest_negatives(labels, hardness, self.profile.hard_negatives_per_volume,
-                                                 exclude=chosen)
+                                                 exclude=chosen, group_size=per_cell)
                 chosen = torch.cat([chosen, hard])
             positives = chosen[labels[chosen] > 0]
             chosen_volume.append(torch.full_like(chosen, volume_index))

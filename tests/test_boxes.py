@@ -227,3 +227,20 @@ def test_hardest_negatives_pick_the_highest_scored_background_only():
     assert B.hardest_negatives(labels, scores, 2).tolist() == [1, 5]
     assert B.hardest_negatives(labels, scores, 2, exclude=torch.tensor([1])).tolist() == [5, 4]
     assert B.hardest_negatives(labels, scores, 10).tolist() == [1, 5, 4, 0]
+
+
+def test_hardest_negatives_by_groups_equals_ranking_every_anchor():
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.randint(-1, 3, (64 * 500,), generator=generator)  # a third background
+    scores = torch.randn(labels.shape, generator=generator)
+    exclude = torch.randperm(labels.numel(), generator=generator)[:300]
+    for num in (1, 40, 499):
+        grouped = B.hardest_negatives(labels, scores, num, exclude=exclude, group_size=64)
+        plain = B.hardest_negatives(labels, scores, num, exclude=exclude)
+        assert torch.equal(grouped, plain)
+    # Fewer background anchors than wanted: every one of them, hardest first.
+    few = torch.full((64 * 4,), -1)
+    few[[3, 70, 200]] = 0
+    assert B.hardest_negatives(few, scores[:256], 3, group_size=64).tolist() == \
+        B.hardest_negatives(few, scores[:256], 3).tolist()
+    assert B.hardest_negatives(few, scores[:256], 2, group_size=64).numel() == 2
