@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from igrpn import distributed
 from igrpn import model as model_module
 from igrpn.config import LANDMARKS, METHODS, Profile, get_profile
 from igrpn.model import build_model
@@ -424,8 +425,11 @@ def train_measurements(size: Size, methods, device: torch.device, batch: int = 2
             gflop = 3.0 * count_forward_gflop(model, lambda: model(volumes))
             model.train()
 
+            mixed = size.profile.mixed_precision and distributed.mixed_precision(device)
+
             def step(model=model, optimizer=optimizer, volumes=volumes, landmarks=landmarks):
-                losses = model.loss(model(volumes), landmarks)
+                with distributed.autocast(device, enabled=mixed):  # as igrpn.train does
+                    losses = model.loss(model(volumes), landmarks)
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
@@ -433,7 +437,8 @@ def train_measurements(size: Size, methods, device: torch.device, batch: int = 2
             what = f"{ROW_PREFIX[method]}_train_step"
             measurements.append(Measurement(
                 what, f"{batch}x{edge}^3", step, gflop={what: gflop},
-                note={what: "forward, loss, backward, clip, AdamW; gflop = 3x forward"}))
+                note={what: "forward, loss, backward, clip, AdamW" + ("; bf16 autocast" if mixed else "; fp32")
+                      + "; gflop = 3x forward"}))
     return measurements
 
 
