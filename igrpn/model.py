@@ -354,8 +354,9 @@ class LandmarkModel(nn.Module):
     def anchors_near(self, anchors: Tensor, gt_corner: Tensor, min_iou: float) -> Tensor | None:
         """Indices of the rows of ``anchors`` that may reach IoU ``min_iou`` with one of the
         ``gt_corner`` (G, 6) boxes (:func:`igrpn.boxes.grid_anchors_near`), for
-        :func:`igrpn.boxes.match_anchors`'s ``candidates`` (``min_iou`` = its ``neg_iou``); None when ``anchors`` is not a tensor that :meth:`anchors` or
-        :meth:`concatenated_anchors` returned (the matching then looks at every anchor)."""
+        :func:`igrpn.boxes.match_anchors`'s ``candidates`` (``min_iou`` = its ``neg_iou``); None
+        when ``anchors`` is not a tensor that :meth:`anchors` or :meth:`concatenated_anchors`
+        returned (the matching then looks at every anchor)."""
         for key, (centre, _) in self._anchor_cache.items():
             if centre is not anchors:
                 continue

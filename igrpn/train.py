@@ -228,7 +228,8 @@ def train(
         max_epochs: stop after this many epochs in total (for tests of interruption); the learning
             rate schedule still follows ``profile.epochs``.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available). Forward and loss run under
-            bf16 autocast where the device computes bf16 natively (``profile.mixed_precision``). Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel, see
+            bf16 autocast where the device computes bf16 natively (``profile.mixed_precision``).
+            Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel, see
             :mod:`igrpn.distributed`; the checkpoint is the same as a single process's.
         max_steps_per_epoch: cut every epoch to at most this many optimiser steps (benchmarks and
             quick checks; part of the run's configuration, the schedule follows the cut epochs).
@@ -339,7 +340,7 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
                 group["lr"] = lr
             step_start = time.perf_counter()
             volumes = batch["volume"].to(context.device, non_blocking=True)
-            with distributed.autocast(context.device, enabled=profile.mixed_precision):
+            with distributed.autocast(context.device, enabled=use_bf16):
                 losses = model.loss(net(volumes), batch["landmarks_vox"].to(context.device))
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
