@@ -38,6 +38,7 @@ __all__ = [
     "box_iou_mm",
     "centre_to_corner_mm",
     "evaluate",
+    "eye_pair",
     "per_landmark",
     "bootstrap_ci",
     "paired_bootstrap",
@@ -493,3 +494,47 @@ def confusion(pred: pd.DataFrame, gt: pd.DataFrame) -> pd.DataFrame:
             close = dist <= truth["w"].to_numpy(dtype=float)[index] / 2
             counts.loc[landmark, truth["landmark"].iloc[index] if close else "none"] += 1
     return counts
+
+
+def eye_pair(pred: pd.DataFrame, gt: pd.DataFrame, found_mm: float = 5.0) -> dict:
+    """Did a method find the two eyes, and did it name them right? (failure analysis)
+
+    The eye distances of the tables mix two failures: not finding an eye, and finding both but
+    calling the left one right. Per case, the mean distance of the two eye answers to their own
+    eyes (as named) and to the nearer naming of the two (as a pair) tell them apart.
+
+    Args:
+        pred: rows ``case_id, landmark, score, x, y, z, w, h, d`` (the highest-scoring row per
+            case and landmark is the answer).
+        gt: rows ``case_id, landmark, x, y, z, w, h, d`` (mm).
+        found_mm: both eyes count as found when, under the nearer naming, each answer lies
+            within this distance of its eye.
+
+    Returns:
+        ``{"n_cases", "named_mm" (mean eye distance as named), "pair_mm" (as a pair, the nearer
+        naming), "found" (cases with both eyes found), "swapped" (of those, named the wrong way
+        round)}``; cases without both eye answers and both eye GTs are left out.
+    """
+    pred, gt = _check_inputs(pred, gt)
+    final = pred.sort_values("score", ascending=False).drop_duplicates(["case_id", "landmark"])
+    eyes = ["left_eye", "right_eye"]
+
+    def eye_points(table: pd.DataFrame) -> dict:
+        """case -> (2, 3) left and right eye, for the cases that have both."""
+        rows = table[table["landmark"].isin(eyes)].set_index(["case_id", "landmark"])[["x", "y", "z"]]
+        cases = rows.index.get_level_values(0).unique()
+        return {case: rows.loc[[(case, eye) for eye in eyes]].to_numpy(dtype=float)
+                for case in cases if all((case, eye) in rows.index for eye in eyes)}
+
+    answers, truths = eye_points(final), eye_points(gt)
+    common = sorted(set(answers) & set(truths))
+    answer = np.stack([answers[c] for c in common]) if common else np.zeros((0, 2, 3))
+    truth = np.stack([truths[c] for c in common]) if common else np.zeros((0, 2, 3))
+    as_named = np.linalg.norm(answer - truth, axis=-1)  # (n, 2)
+    swapped_names = np.linalg.norm(answer[:, ::-1] - truth, axis=-1)
+    swap_nearer = swapped_names.mean(axis=1) < as_named.mean(axis=1)
+    as_pair = np.where(swap_nearer[:, None], swapped_names, as_named)
+    found = (as_pair <= found_mm).all(axis=1)
+    return {"n_cases": len(common), "named_mm": float(as_named.mean()) if len(common) else float("nan"),
+            "pair_mm": float(as_pair.mean()) if len(common) else float("nan"),
+            "found": int(found.sum()), "swapped": int((found & swap_nearer).sum())}

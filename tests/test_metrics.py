@@ -1,5 +1,7 @@
 """Tests of the evaluation metrics (paper §3; DESIGN §7) against hand-computed answers."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -238,3 +240,23 @@ def test_confusion_counts_swapped_eyes_and_far_misses():
     assert table.loc["left_eye", "right_eye"] == 1 and table.loc["left_eye", "left_eye"] == 0
     assert table.loc["right_eye", "right_eye"] == 1
     assert table.loc["chin", "none"] == 1 and int(table.to_numpy().sum()) == 3
+
+
+def test_eye_pair_tells_a_swap_from_a_miss():
+    from igrpn.metrics import eye_pair
+
+    def rows(case, left, right):
+        return [{"case_id": case, "landmark": name, "score": 1.0, "x": p[0], "y": p[1], "z": p[2],
+                 "w": 18.2, "h": 18.2, "d": 18.2} for name, p in (("left_eye", left), ("right_eye", right))]
+
+    gt = pd.DataFrame(rows("a", (0, 0, 0), (30, 0, 0)) + rows("b", (0, 0, 0), (30, 0, 0))
+                      + rows("c", (0, 0, 0), (30, 0, 0)))
+    pred = pd.DataFrame(rows("a", (1, 0, 0), (30, 0, 0))      # found, named right (1 mm and 0 mm)
+                        + rows("b", (30, 0, 0), (0, 2, 0))    # found, named the wrong way round
+                        + rows("c", (0, 40, 0), (30, 0, 0)))  # one eye missed by 40 mm
+    result = eye_pair(pred, gt, found_mm=5.0)
+    assert result["n_cases"] == 3 and result["found"] == 2 and result["swapped"] == 1
+    # as named: a 0.5, b (30 + sqrt(30² + 2²)) / 2, c 20; as a pair: a 0.5, b 1, c 20
+    b_named = (30 + math.hypot(30, 2)) / 2
+    assert result["named_mm"] == pytest.approx((0.5 + b_named + 20) / 3)
+    assert result["pair_mm"] == pytest.approx((0.5 + 1 + 20) / 3)
