@@ -115,7 +115,8 @@ PROFILES: dict[str, Profile] = {
     # autocast and matching near the GT boxes only made a step ~3× faster than the 8 epochs' fp32
     # (docs/accuracy.md); the slowest training, Faster R-CNN, stays under 10 minutes.
     # 256 hard negatives per volume (beyond the paper): without them the chin class answered, with
-    # p ≈ 1, on a bright blob inside the skull that random sampling never drew (docs/accuracy.md).
+    # p ≈ 1, on a bright blob inside the skull that random sampling never drew. Over two seeds they
+    # help the chin and hurt the other landmarks, no net gain shown (docs/accuracy.md §6).
     "cpu": Profile(
         name="cpu", spacing_mm=2.6, width=16, epochs=16, batch_size=2, lr=2e-3,
         hard_negatives_per_volume=256,
