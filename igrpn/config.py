@@ -62,7 +62,7 @@ class Profile:
     flip_prob: float = 0.5
     #: Beyond the paper (REPORT.md): train and score the left and right eye as one "eye" class
     #: (their probabilities summed) and tell them apart afterwards by the face's handedness
-    #: (igrpn.detect.assign_handedness). A face in any pose, mirrored by the augmentation, gives
+    #: (igrpn.detect.select_answers, igrpn.prior.face_handedness). A face in any pose, mirrored by the augmentation, gives
     #: an eye's local appearance no left or right: the paper's two classes then each get p ≈ 0.5
     #: on a true eye, below look-alikes elsewhere. False: the paper's two independent classes.
     merge_mirror_pairs: bool = True

@@ -513,7 +513,7 @@ def eye_pair(pred: pd.DataFrame, gt: pd.DataFrame, found_mm: float = 5.0) -> dic
     Returns:
         ``{"n_cases", "named_mm" (mean eye distance as named), "pair_mm" (as a pair, the nearer
         naming), "found" (cases with both eyes found), "swapped" (of those, named the wrong way
-        round)}``; cases without both eye answers and both eye GTs are left out.
+        round), "found_mm"}``; cases without both eye answers and both eye GTs are left out.
     """
     pred, gt = _check_inputs(pred, gt)
     final = pred.sort_values("score", ascending=False).drop_duplicates(["case_id", "landmark"])
@@ -537,4 +537,4 @@ def eye_pair(pred: pd.DataFrame, gt: pd.DataFrame, found_mm: float = 5.0) -> dic
     found = (as_pair <= found_mm).all(axis=1)
     return {"n_cases": len(common), "named_mm": float(as_named.mean()) if len(common) else float("nan"),
             "pair_mm": float(as_pair.mean()) if len(common) else float("nan"),
-            "found": int(found.sum()), "swapped": int((found & swap_nearer).sum())}
+            "found": int(found.sum()), "swapped": int((found & swap_nearer).sum()), "found_mm": float(found_mm)}

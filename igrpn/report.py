@@ -306,12 +306,13 @@ def eye_pair_table(evaluation: dict) -> pd.DataFrame:
     records = [{"run": run, "prior": use_prior, **metrics.eye_pair(chosen, evaluation["gt"])}
                for (run, use_prior), chosen in evaluation["predictions"].items()]
     return pd.DataFrame.from_records(records, columns=["run", "prior", "n_cases", "named_mm", "pair_mm",
-                                                       "found", "swapped"])
+                                                       "found", "swapped", "found_mm"])
 
 
 def eye_pair_markdown(eyes: pd.DataFrame) -> str:
-    lines = ["| configuration | eye d-mean as named (mm) | as a pair, nearer naming (mm) | both eyes within 5 mm "
-             "| of those, named the wrong way round |", "|---|---|---|---|---|"]
+    within = f"{eyes['found_mm'].iloc[0]:g} mm" if len(eyes) else "the distance"
+    lines = ["| configuration | eye d-mean as named (mm) | as a pair, nearer naming (mm) | both eyes within "
+             f"{within} | of those, named the wrong way round |", "|---|---|---|---|---|"]
     for row in eyes.itertuples():
         lines.append(f"| {row.run}{' + prior' if row.prior else ''} | {_fmt(row.named_mm)} | {_fmt(row.pair_mm)} "
                      f"| {row.found} / {row.n_cases} | {row.swapped} |")
