@@ -114,12 +114,11 @@ PROFILES: dict[str, Profile] = {
     # (skull, uterine wall) it meets at inference and answered there (REPORT.md). 16 epochs: bf16
     # autocast and matching near the GT boxes only made a step ~3× faster than the 8 epochs' fp32
     # (docs/accuracy.md); the slowest training, Faster R-CNN, stays under 10 minutes.
-    # 256 hard negatives per volume (beyond the paper): without them the chin class answered, with
-    # p ≈ 1, on a bright blob inside the skull that random sampling never drew. Over two seeds they
-    # help the chin and hurt the other landmarks, no net gain shown (docs/accuracy.md §6).
+    # The paper's random sampling, no hard negatives: 256 per volume helped the chin and hurt every
+    # other landmark over two seeds, and left a flat score map (top p ≈ 0.12 over the whole face;
+    # docs/accuracy.md §6, §9).
     "cpu": Profile(
         name="cpu", spacing_mm=2.6, width=16, epochs=16, batch_size=2, lr=2e-3,
-        hard_negatives_per_volume=256,
     ),
     # The paper's sizes exactly (GPU).
     "paper": Profile(

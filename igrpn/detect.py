@@ -201,14 +201,20 @@ def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0, ha
     asks for the pair alone, e.g. for a checkpoint without a measured handedness: the two places
     are then named by score.
     """
+    # Plain arrays throughout and one DataFrame written at the end: per-row pandas indexing cost
+    # more than everything else in the post-processing (benchmarks/NOTES.md §6).
     rows = rows.copy()
     rows["selected"] = False
     if rows.empty:
         return rows
-    groups = [rows.index[rows["landmark"] == name] for name in LANDMARKS]
-    groups = [g[np.argsort(rows.loc[g, "rank"].to_numpy())] for g in groups]
-    centres = [rows.loc[g, ["x", "y", "z"]].to_numpy(dtype=np.float64) for g in groups]
-    scores = [rows.loc[g, "score"].to_numpy(dtype=np.float64) for g in groups]
+    names = rows["landmark"].to_numpy()
+    ranks = rows["rank"].to_numpy()
+    all_centres = rows[["x", "y", "z"]].to_numpy(dtype=np.float64)
+    all_scores = rows["score"].to_numpy(dtype=np.float64)
+    groups = [np.flatnonzero(names == name) for name in LANDMARKS]  # positions, by rank below
+    groups = [g[np.argsort(ranks[g], kind="stable")] for g in groups]
+    centres = [all_centres[g] for g in groups]
+    scores = [all_scores[g] for g in groups]
     pairs = LEFT_RIGHT_PAIRS if (handedness is not None if pair_eyes is None else pair_eyes) else ()
     choice = [0] * len(LANDMARKS)
     if prior is not None and all(len(g) > 0 for g in groups):
@@ -224,15 +230,19 @@ def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0, ha
         for a, b in pairs:
             if len(groups[a]) and len(groups[b]):
                 choice[a], choice[b] = _best_pair(centres[a], scores[a], centres[b], scores[b], min_pair_distance_mm)
+    selected = np.zeros(len(rows), dtype=bool)
     for group, index in zip(groups, choice):
         if len(group):
-            rows.loc[group[index], "selected"] = True
+            selected[group[index]] = True
+    rows["selected"] = selected
     if pairs and handedness is not None and all(len(g) for g in groups):
         answers = np.stack([c[i] for c, i in zip(centres, choice)])
         if np.sign(face_handedness(answers)) == -np.sign(handedness):
+            names, class_ids = names.copy(), rows["class_id"].to_numpy().copy()
             for a, b in pairs:  # the mirror image: exchange the two lists' names
-                rows.loc[groups[a], ["landmark", "class_id"]] = [LANDMARKS[b], b + 1]
-                rows.loc[groups[b], ["landmark", "class_id"]] = [LANDMARKS[a], a + 1]
+                names[groups[a]], class_ids[groups[a]] = LANDMARKS[b], b + 1
+                names[groups[b]], class_ids[groups[b]] = LANDMARKS[a], a + 1
+            rows["landmark"], rows["class_id"] = names, class_ids
     for a, b in pairs:
         if (len(groups[a]) and choice[a] != choice[b] and len(groups[a]) == len(groups[b])
                 and np.array_equal(centres[a], centres[b])):
@@ -243,17 +253,24 @@ def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0, ha
 def _split_pooled_pair(rows: pd.DataFrame, group_a, group_b, answer_a: int, answer_b: int) -> pd.DataFrame:
     """Give each place of a pooled (merged-score) eye list to one eye only: the one whose answer
     is nearer (ties to the first), so that no place is listed, and counted by AP, under both names.
-    ``group_a``/``group_b`` hold the same places in the same order; ranks are renumbered."""
-    centres = rows.loc[group_a, ["x", "y", "z"]].to_numpy(dtype=np.float64)
+    ``group_a``/``group_b`` are row positions holding the same places in the same order; ranks are
+    renumbered."""
+    centres = rows[["x", "y", "z"]].to_numpy(dtype=np.float64)[group_a]
     to_a = np.linalg.norm(centres - centres[answer_a], axis=1)
     to_b = np.linalg.norm(centres - centres[answer_b], axis=1)
     keep_in_a = to_a <= to_b
     keep_in_a[answer_a], keep_in_a[answer_b] = True, False
-    drop = list(np.asarray(group_a)[~keep_in_a]) + list(np.asarray(group_b)[keep_in_a])
-    rows = rows.drop(index=drop)
-    for name in rows["landmark"].unique():
-        mask = rows["landmark"] == name
-        rows.loc[mask, "rank"] = rows.loc[mask, "rank"].rank(method="first").astype(int) - 1
+    keep = np.ones(len(rows), dtype=bool)
+    keep[np.asarray(group_a)[~keep_in_a]] = False
+    keep[np.asarray(group_b)[keep_in_a]] = False
+    rows = rows.iloc[np.flatnonzero(keep)]
+    # New ranks: order within each landmark by the old rank (ties by position), numbered from 0.
+    names, old_ranks = rows["landmark"].to_numpy(), rows["rank"].to_numpy()
+    new_ranks = np.empty(len(rows), dtype=np.int64)
+    for name in np.unique(names):
+        members = np.flatnonzero(names == name)
+        new_ranks[members[np.argsort(old_ranks[members], kind="stable")]] = np.arange(len(members))
+    rows = rows.assign(rank=new_ranks)
     return rows.sort_values(["class_id", "rank"]).reset_index(drop=True)
 
 

@@ -110,8 +110,8 @@ class SSDModel(LandmarkModel):
     """SSD on the shared backbone (IG-SSD with ``iou_balance=True``), see the module docstring."""
 
     method = "ssd"
-    #: anchors per class kept (by score) before NMS in :meth:`candidates`
-    pre_nms_top_n = 1000
+    #: anchors per class decoded in the first round of :meth:`candidates`' NMS (more when needed)
+    nms_prefix = 256
     #: initial background probability of every anchor (as the RPN head)
     background_prior = 0.99
 
@@ -223,18 +223,18 @@ class SSDModel(LandmarkModel):
     @single_threaded
     def candidates(self, outputs: dict[str, Tensor], top_k: int | None = None) -> list[list[tuple[Tensor, Tensor]]]:
         """Per volume and landmark, up to ``top_k`` boxes (``None``: ``profile.top_k``): softmax over
-        K+1, decode, the ``pre_nms_top_n`` best anchors of each class, NMS at ``profile.nms_iou``.
+        K+1, decode, greedy NMS at ``profile.nms_iou`` over all anchors of each class (as the RPN,
+        :func:`igrpn.model.anchor_candidates`).
 
         Returns ``[volume][landmark] = (boxes (n, 6) centre form voxels, scores (n,))``."""
         top_k = self.profile.top_k if top_k is None else int(top_k)
         anchors = outputs["anchors"]
-        keep_per_class = min(self.pre_nms_top_n, anchors.shape[0])
         results = []
         for volume_logits, volume_deltas in zip(outputs["cls_logits"], outputs["deltas"]):
             # The best anchors of each class without a softmax and a top-k over all of them, as the
             # RPN (igrpn.model.top_anchors_per_class; each cell's anchors form a group); only
             # they are decoded. Ranking on log p is ranking on p.
-            results.append(anchor_candidates(volume_logits, volume_deltas, anchors, keep_per_class,
+            results.append(anchor_candidates(volume_logits, volume_deltas, anchors, self.nms_prefix,
                                              math.gcd(*self.anchors_per_cell), self.profile.nms_iou, top_k,
                                              self.mirror_pairs))
         return results

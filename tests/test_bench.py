@@ -147,6 +147,10 @@ def test_fast_inference_matches_the_plain_path(method):
     for key, value in plain.items():
         if key in second_stage:
             continue
+        if key == "cls_logits" and method == "rpn":
+            # The fast path stores them relative to the background: compare what they mean.
+            assert float(fast[key][..., 0].abs().max()) == 0.0
+            value, fast[key] = value.log_softmax(dim=-1), fast[key].log_softmax(dim=-1)
         if value.is_floating_point():
             scale = value.abs().max().clamp_min(1e-6)
             assert torch.allclose(fast[key], value, atol=1e-4 * float(scale), rtol=1e-4), key
@@ -185,6 +189,51 @@ def test_top_anchors_per_class_equals_a_full_top_k():
         top_anchors_per_class(logits, 401, group_size=8)
 
 
+def test_class_major_head_is_the_pointwise_head_stored_class_major():
+    from igrpn.model import class_major_head, pointwise_head
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(5, 8 * 6, kernel_size=1)  # 8 anchors, K + 1 = 6
+    features = torch.randn(2, 5, 3, 4, 2).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        expected = pointwise_head(features, conv, 6)  # (2, 24·8, 6)
+        stored = class_major_head(features, conv, 6)
+        relative = class_major_head(features, conv, 6, reference=0)
+    assert stored.shape == expected.shape and stored.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(stored, expected)
+    torch.testing.assert_close(relative, expected - expected[..., :1])  # background row exactly 0
+    assert float(relative[..., 0].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="1×1×1"):
+        class_major_head(features, nn.Conv3d(5, 12, kernel_size=3), 6)
+
+
+@pytest.mark.parametrize("layout", ["cell_major", "class_major", "relative"])
+def test_top_anchors_per_class_exact_on_a_detector_like_score_map(layout):
+    """Background nearly everywhere, a few bright places per class: the bounded passes must give
+    exactly the full top-k, whatever the layout, with the eyes merged."""
+    generator = torch.Generator().manual_seed(3)
+    groups, group_size = 400, 16
+    logits = torch.randn(groups * group_size, 6, generator=generator)
+    logits[:, 0] += 6.0  # p(background) ≈ 0.99 almost everywhere
+    for c in range(1, 6):
+        hot = torch.randint(0, groups, (3,), generator=generator)
+        for g in hot.tolist():
+            logits[g * group_size:(g + 1) * group_size, c] += 4.0 + 4.0 * torch.rand(group_size, generator=generator)
+    if layout != "cell_major":
+        logits = logits.t().contiguous().t()
+    if layout == "relative":
+        logits = (logits - logits[:, :1]).t().contiguous().t()
+    pairs = ((1, 3),)
+    full = class_major_log_probs(logits, pairs)
+    for k in (1, 10, 100):
+        values, index = top_anchors_per_class(logits, k, group_size=group_size, mirror_pairs=pairs)
+        expected = full.topk(k, dim=1).values.t()
+        live = [0, 1, 3, 4]
+        torch.testing.assert_close(values[:, live], expected[:, live], atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.gather(full.t(), 0, index)[:, live], values[:, live], atol=1e-6, rtol=0)
+        assert torch.isneginf(values[:, 2]).all()  # the right eye is scored with the left
+
+
 def test_class_major_log_probs_equal_the_log_softmax():
     generator = torch.Generator().manual_seed(1)
     logits = 3 * torch.randn(1000, 6, generator=generator)
@@ -194,8 +243,23 @@ def test_class_major_log_probs_equal_the_log_softmax():
     torch.testing.assert_close(class_major_log_probs(huge), torch.tensor([[-1000.0], [-2000.0]]))
 
 
-def test_rpn_candidates_unchanged_by_the_faster_top_k():
-    """The candidates equal those of the full log-softmax and top-k they replace."""
+def _full_nms_candidates(logits, deltas, anchors, nms_iou):
+    """Reference: softmax, every anchor decoded, greedy NMS over all of them per class (eyes merged)."""
+    from igrpn import boxes as box_ops
+
+    probs = logits.softmax(dim=-1)[:, 1:]
+    probs[:, 0] = probs[:, 0] + probs[:, 2]  # the eyes scored as one class (merge_mirror_pairs)
+    boxes = box_ops.decode(deltas, anchors)
+    expected = {}
+    for c in (0, 1, 3, 4):
+        keep = box_ops.nms(box_ops.centre_to_corner(boxes), probs[:, c], nms_iou, 4 if c == 0 else 2)
+        expected[c] = (boxes[keep], probs[keep, c])
+    return expected
+
+
+def test_rpn_candidates_equal_nms_over_every_anchor():
+    """The candidates equal those of a softmax, decode and NMS over all anchors, also when the
+    best anchors of a class all decode onto one box and the first round must widen."""
     from igrpn import boxes as box_ops
 
     torch.manual_seed(0)
@@ -203,22 +267,26 @@ def test_rpn_candidates_unchanged_by_the_faster_top_k():
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         outputs = model(torch.randn(1, 1, 32, 32, 32, generator=generator))
-    outputs["cls_logits"] = 2 * torch.randn(outputs["cls_logits"].shape, generator=generator)
-    outputs["deltas"] = 0.1 * torch.randn(outputs["deltas"].shape, generator=generator)
-    assert outputs["anchors"].shape[0] > 10 * model.pre_nms_top_n  # the grouped path is taken
-    found = model.candidates(outputs, top_k=2)[0]
-    logits, deltas, anchors = outputs["cls_logits"][0], outputs["deltas"][0], outputs["anchors"]
-    probs = logits.softmax(dim=-1)[:, 1:]
-    probs[:, 0] = probs[:, 0] + probs[:, 2]  # the eyes scored as one class (merge_mirror_pairs)
-    top_probs, top_index = probs.t().topk(model.pre_nms_top_n, dim=1)
-    for c, (boxes, scores) in enumerate(found):
-        c = 0 if c == 2 else c  # the right eye's list is the merged one
-        index = top_index[c]
-        expected_boxes = box_ops.decode(deltas[index], anchors[index])
-        wanted = 4 if c == 0 else 2
-        keep = box_ops.nms(box_ops.centre_to_corner(expected_boxes), top_probs[c], SMOKE.nms_iou, wanted)
-        assert torch.equal(boxes, expected_boxes[keep])
-        torch.testing.assert_close(scores, top_probs[c][keep], rtol=1e-5, atol=0)
+    logits = 2 * torch.randn(outputs["cls_logits"].shape, generator=generator)[0]
+    deltas = 0.1 * torch.randn(outputs["deltas"].shape, generator=generator)[0]
+    anchors = outputs["anchors"]
+    assert anchors.shape[0] > 10 * model.nms_prefix  # the grouped path is taken
+    # The nose's 200 best anchors all decode onto one box; its second place ranks 201st.
+    crowd = torch.randperm(anchors.shape[0], generator=generator)[:201]
+    logits[crowd, 4] = 20.0 - torch.arange(201, dtype=torch.float32) * 0.01
+    one_box = torch.tensor([[16.0, 16.0, 16.0, 6.0, 6.0, 6.0]])
+    deltas[crowd[:200]] = box_ops.encode(one_box.expand(200, 6), anchors[crowd[:200]])
+    for layout in ("cell_major", "class_major"):
+        given = logits if layout == "cell_major" else logits.t().contiguous().t()
+        found = model.candidates({"cls_logits": given[None], "deltas": deltas[None], "anchors": anchors}, top_k=2)[0]
+        expected = _full_nms_candidates(logits, deltas, anchors, SMOKE.nms_iou)
+        for c, (boxes, scores) in enumerate(found):
+            expected_boxes, expected_scores = expected[0 if c == 2 else c]  # the right eye: the merged list
+            torch.testing.assert_close(boxes, expected_boxes)
+            torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=0)
+        nose_boxes = found[3][0]
+        torch.testing.assert_close(nose_boxes[0], one_box[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(nose_boxes[1], box_ops.decode(deltas[crowd[200:]], anchors[crowd[200:]])[0])
 
 
 def test_fast_path_tracks_weight_changes_and_keeps_training_and_state_dict():
