@@ -116,7 +116,7 @@ PROFILES: dict[str, Profile] = {
     # (docs/accuracy.md); the slowest training, Faster R-CNN, stays under 10 minutes.
     # The paper's random sampling, no hard negatives: 256 per volume helped the chin and hurt every
     # other landmark over two seeds, and left a flat score map (top p ≈ 0.12 over the whole face;
-    # docs/accuracy.md §6, §9).
+    # docs/accuracy.md §6, §8).
     "cpu": Profile(
         name="cpu", spacing_mm=2.6, width=16, epochs=16, batch_size=2, lr=2e-3,
     ),

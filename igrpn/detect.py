@@ -202,7 +202,7 @@ def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0, ha
     are then named by score.
     """
     # Plain arrays throughout and one DataFrame written at the end: per-row pandas indexing cost
-    # more than everything else in the post-processing (benchmarks/NOTES.md §6).
+    # more than everything else in the post-processing (benchmarks/NOTES.md §3b).
     rows = rows.copy()
     rows["selected"] = False
     if rows.empty:

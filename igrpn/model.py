@@ -659,9 +659,9 @@ def class_major_head(features: Tensor, conv: nn.Conv3d, per_anchor: int, referen
 
     The post-processing reads every anchor's scores class by class (:func:`top_anchors_per_class`);
     on this layout each class is one contiguous row, where the cell-major layout makes every read
-    a stride-C gather. Written directly by one matrix product per class, (cells, Cin) × (Cin, A),
-    it costs about what the cell-major product costs, where transposing afterwards would cost far
-    more (benchmarks/NOTES.md §6).
+    a stride-C gather. Written directly by a batched matrix product, one (cells, Cin) × (Cin, A)
+    per class, it costs about what the cell-major product costs (~2 ms more at the cpu profile),
+    where transposing afterwards would cost far more (benchmarks/NOTES.md §6).
 
     Args:
         features: (N, Cin, X, Y, Z).
@@ -686,11 +686,10 @@ def class_major_head(features: Tensor, conv: nn.Conv3d, per_anchor: int, referen
         weight, bias = weight - weight[reference], bias - bias[reference]
     out = features.new_empty(batch, per_anchor, cells.shape[1], num_anchors)  # (N, C, cells, A)
     for n in range(batch):
-        for c in range(per_anchor):
-            if c == reference:
-                out[n, c].zero_()
-            else:
-                torch.addmm(bias[c], cells[n], weight[c], out=out[n, c])
+        # One batched product over the classes (the cells' rows broadcast, not copied).
+        torch.baddbmm(bias[:, None, :], cells[n].expand(per_anchor, -1, -1), weight, out=out[n])
+        if reference is not None:
+            out[n, reference].zero_()  # exactly 0 (a product of zero weights may give −0.0)
     return out.view(batch, per_anchor, -1).transpose(1, 2)
 
 

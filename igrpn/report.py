@@ -367,7 +367,7 @@ DESIGN_DECISIONS = (
     "by −2.7 and +4.2 mm; and the trained score map goes flat: the best anchor of the brow, nose and chin "
     "has p ≈ 0.12 with the next 1000 within 0.03 nats, spread over the whole face (without: p ≈ 0.8–1.0, "
     "concentrated). Mining them inside other landmarks' boxes too did the same (24.9 mm, p ≈ 0.12); "
-    "docs/accuracy.md §6, §9.",
+    "docs/accuracy.md §6, §8.",
 )
 
 

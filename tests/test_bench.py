@@ -323,10 +323,26 @@ def test_target_sentences_report_met_and_not_met():
             row("heatmap_inference", 70.0), row("heatmap_postprocess", 2.0),
             row("monai_retinanet_inference", 100.0), row("monai_retinanet_postprocess", 5.0)]
     text = " ".join(bench.target_sentences(rows, [size]))
-    assert "takes 30.0 ms per volume: target < 20 ms **not met**" in text
+    assert "takes 30.0 ms per volume (untrained weights): target < 20 ms **not met**" in text
     assert "60 % of the measured conv3d peak" in text and "target ≥ 50 % **met**" in text
     assert "40 ms against the heatmap baseline's 72 ms" in text and "target ≤ 0.5 **not met**" in text
     assert "IG-RPN faster **met**" in text
+
+
+def test_target_sentence_prefers_the_trained_post_processing_and_shows_both():
+    size = bench.parse_sizes("smoke")[0]
+    rows = [{"what": "ig_rpn_postprocess", "input": "32^3", "median_ms": 45.0},
+            {"what": "ig_rpn_postprocess_trained", "input": "32^3", "median_ms": 17.5}]
+    text = " ".join(bench.target_sentences(rows, [size]))
+    assert "takes 17.5 ms per volume with the trained checkpoint (45.0 ms with untrained weights" in text
+    assert "target < 20 ms **met** (trained)" in text
+    rows[1]["median_ms"] = 21.0
+    assert "**not met** (trained)" in " ".join(bench.target_sentences(rows, [size]))
+
+
+def test_trained_rows_are_skipped_with_a_reason(tmp_path):
+    group, reason = bench.trained_measurements(tmp_path / "missing.pt", 2, torch.device("cpu"))
+    assert group == [] and "no trained checkpoint" in reason and "missing.pt" in reason
 
 
 def test_box_iou_against_few_boxes_equals_the_general_path():
