@@ -536,13 +536,14 @@ def _top_by_margin_bound(logits: Tensor, k: int, group_size: int, chunk: int, mi
     if groups.numel() > max(4 * k, bound.shape[1] // 8):
         return None
     # Pass 3: every anchor of every group that can reach the top k, scored exactly; only those
-    # at or above T (at least k) are ranked.
+    # at or above T (at least k: the seeds' own; less the slack, in case a score's last bit
+    # differs from pass 2's) are ranked.
     scores = _group_log_probs(logits, groups, group_size, mirror_pairs)  # (K, groups·A)
-    anchors = (groups[:, None] * group_size + torch.arange(group_size, device=logits.device)).reshape(-1)
+    anchors = _group_anchor_indices(groups, group_size)
     top_values = scores.new_full((num_classes, k), float("-inf"))
     top_index = anchors.new_zeros(num_classes, k)
     for row, c in enumerate(live):
-        above = torch.nonzero(scores[c] >= thresholds[row]).reshape(-1)
+        above = torch.nonzero(scores[c] >= thresholds[row] - _BOUND_SLACK).reshape(-1)
         values, order = scores[c, above].topk(k)
         top_values[c], top_index[c] = values, anchors[above[order]]
     return top_values.t(), top_index.t()
@@ -570,7 +571,7 @@ def _top_by_group_maxima(logits: Tensor, k: int, group_size: int, chunk: int,
     dropped = {b - 1 for _, b in mirror_pairs}
     live = [c for c in range(num_classes) if c not in dropped]
     groups = torch.unique(best_groups[live])  # sorted
-    anchors = (groups[:, None] * group_size + torch.arange(group_size, device=logits.device)).reshape(-1)
+    anchors = _group_anchor_indices(groups, group_size)
     scores = _group_log_probs(logits, groups, group_size, mirror_pairs).view(num_classes, groups.numel(), group_size)
     position = torch.searchsorted(groups, best_groups).clamp_max(groups.numel() - 1)  # (K, k): rows of `scores`
     values, indices = [], []
@@ -624,10 +625,15 @@ def group_margins(logits: Tensor, group_size: int, chunk: int = _SCORE_CHUNK, mi
     return margins
 
 
+def _group_anchor_indices(groups: Tensor, group_size: int) -> Tensor:
+    """Anchor indices (len(groups)·group_size,) of ``groups`` (contiguous groups), in group order."""
+    return (groups[:, None] * group_size + torch.arange(group_size, device=groups.device)).reshape(-1)
+
+
 def _group_log_probs(logits: Tensor, groups: Tensor, group_size: int, mirror_pairs=()) -> Tensor:
     """Exact class-major log-probabilities (K, len(groups)·group_size) of the anchors of
     ``groups`` (sorted group indices), anchors in group order."""
-    anchors = (groups[:, None] * group_size + torch.arange(group_size, device=logits.device)).reshape(-1)
+    anchors = _group_anchor_indices(groups, group_size)
     return class_major_log_probs(logits.t().index_select(1, anchors).t(), mirror_pairs)
 
 
@@ -660,7 +666,7 @@ def class_major_head(features: Tensor, conv: nn.Conv3d, per_anchor: int, referen
     The post-processing reads every anchor's scores class by class (:func:`top_anchors_per_class`);
     on this layout each class is one contiguous row, where the cell-major layout makes every read
     a stride-C gather. Written directly by a batched matrix product, one (cells, Cin) × (Cin, A)
-    per class, it costs about what the cell-major product costs (~2 ms more at the cpu profile),
+    per class, it costs about what the cell-major product costs (~3 ms more at the cpu profile),
     where transposing afterwards would cost far more (benchmarks/NOTES.md §6).
 
     Args:
