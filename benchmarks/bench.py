@@ -708,7 +708,8 @@ def write_outputs(rows: list[dict], sizes: list[Size], out_dir: Path, command: s
         f"Measured with `{command}` on {datetime.date.today().isoformat()}, device {', '.join(devices)}, "
         f"torch {torch.__version__}; every row in one run, round-robin within each group, median (min–max) "
         f"over {'/'.join(map(str, repeats))} rounds after a warm-up; models untrained (random weights, so NMS "
-        "sees near-uniform scores). GFLOP: convolutions and linear layers counted analytically (training: "
+        "sees near-uniform scores) except the `*_trained` rows (a trained checkpoint on real test volumes, "
+        "one volume per round). GFLOP: convolutions and linear layers counted analytically (training: "
         "3× forward). Peak memory: growth of the resident set's high-water mark during one call, over the "
         "resident set before it (CPU; weights excluded).",
         "",
