@@ -366,8 +366,8 @@ DESIGN_DECISIONS = (
     "the chin improves (54.0 → 31.0, 42.9 → 36.8 mm), the other four landmarks get worse, the d-mean moves "
     "by −2.7 and +4.2 mm; and the trained score map goes flat: the best anchor of the brow, nose and chin "
     "has p ≈ 0.12 with the next 1000 within 0.03 nats, spread over the whole face (without: p ≈ 0.8–1.0, "
-    "concentrated). Mining them inside other landmarks' boxes too did the same (24.9 mm, p ≈ 0.12); "
-    "docs/accuracy.md §6, §8.",
+    "concentrated). Mining them inside other landmarks' boxes too did the same (24.9 mm, p ≈ 0.12), and "
+    "32 per volume flattened it less (25.9 mm, p ≈ 0.28); docs/accuracy.md §6, §8.",
 )
 
 
