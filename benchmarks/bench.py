@@ -48,6 +48,7 @@ import csv
 import ctypes
 import datetime
 import gc
+import itertools
 import math
 import os
 import platform
@@ -439,17 +440,16 @@ def trained_measurements(checkpoint: Path, volumes: int, device: torch.device) -
         return [], f"test volumes of {manifest} not readable ({error})"
     if not cases:
         return [], f"{manifest} lists no test volumes"
-    turn = {"next": 0}
+    in_turn = itertools.cycle(cases)
 
     def predict() -> dict[str, float]:
-        case = cases[turn["next"] % len(cases)]
-        turn["next"] += 1
+        case = next(in_turn)
         detector.predict_grid(case.volume, case.affine)
         return {"ig_rpn_inference_trained": detector.last_timing["model_ms"],
                 "ig_rpn_postprocess_trained": detector.last_timing["postprocess_ms"]}
 
-    edge = "x".join(str(n) for n in dict.fromkeys(cases[0].volume.shape))
-    label = f"{edge}^3" if "x" not in edge else edge
+    shape = cases[0].volume.shape
+    label = f"{shape[0]}^3" if len(set(shape)) == 1 else "x".join(map(str, shape))
     source = f"{checkpoint} on {len(cases)} test volumes of {manifest}, graph prior " + (
         str(prior_path) if prior_path.is_file() else "fitted for timing")
     note = {"ig_rpn_inference_trained": f"trained: {source}",

@@ -316,8 +316,7 @@ def grid_anchors_near(boxes_corner: Tensor, grid_shape, stride: int, sizes_vox, 
             window.append(slice(max(first, 0), max(min(last, cells - 1) + 1, 0)))
         near[tuple(window)] = True
     cells = torch.nonzero(near.reshape(-1)).reshape(-1)
-    index = cells[:, None] * per_cell + torch.arange(per_cell)
-    return index.reshape(-1).to(boxes_corner.device)
+    return group_members(cells, per_cell).to(boxes_corner.device)
 
 
 def match_anchors(
@@ -467,6 +466,12 @@ def _draw_distinct(mask: Tensor, count: int, generator: torch.Generator | None) 
     return torch.tensor(list(chosen), dtype=torch.int64, device=mask.device)
 
 
+def group_members(groups: Tensor, group_size: int) -> Tensor:
+    """Indices (len(groups)·group_size,) of the members of ``groups`` when groups of
+    ``group_size`` are contiguous (the A anchors of a cell), in group order."""
+    return (groups[:, None] * group_size + torch.arange(group_size, device=groups.device)).reshape(-1)
+
+
 def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude: Tensor | None = None,
                       group_size: int = 1) -> Tensor:
     """The ``num`` background anchors (``labels == 0``) with the highest ``negative_scores``.
@@ -497,7 +502,7 @@ def hardest_negatives(labels: Tensor, negative_scores: Tensor, num: int, exclude
         # The num hardest anchors lie in the num groups of highest maximum (each of those holds
         # one anchor at least as hard as any anchor outside them).
         groups = scores.view(num_groups, group_size).amax(dim=1).topk(num).indices
-        members = (groups[:, None] * group_size + torch.arange(group_size, device=scores.device)).reshape(-1)
+        members = group_members(groups, group_size)
         count = min(num, int(torch.isfinite(scores[members]).sum()))
         return members[torch.topk(scores[members], count).indices] if count > 0 else labels.new_zeros(0)
     count = min(num, int(torch.isfinite(scores).sum()))
