@@ -23,12 +23,18 @@ EXTRA_METRICS = ("hit35", "hit50", "hit75")
 PERCENT_METRICS = ("ap", "ap35", "ap50", "ap75", "miou", "hit35", "hit50", "hit75")
 CI_METRICS = ("d_mean", "ap", "ap50", "hit50", "miou")
 
+#: The image-blind reference: every landmark answered at its mean position over the training
+#: annotations (world mm), whatever the volume shows. A method that does not beat it has learnt
+#: where faces usually are, not where this face is.
+REFERENCE_RUN = "mean_position"
+REFERENCE_LABEL = "Mean training position (no image)"
 #: (row label, run name, prior) of Table 1; the paper's detector column names the paper's row.
 TABLE1_ROWS = (
     ("Faster R-CNN", "faster_rcnn", False),
     ("IG-SSD", "ssd_ib", True),
     ("Heatmap", "heatmap", False),
     ("IG-RPN", "rpn_ib", True),
+    (REFERENCE_LABEL, REFERENCE_RUN, False),
 )
 #: Table 2: each detector with and without the IoU-balanced loss and the prior.
 TABLE2_ROWS = tuple(
@@ -75,6 +81,42 @@ def answers(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["selected"].astype(bool)].reset_index(drop=True)
 
 
+def mean_position_answers(train_landmarks_mm, case_ids) -> pd.DataFrame:
+    """The image-blind reference answers: each landmark at its mean training position.
+
+    Args:
+        train_landmarks_mm: (N, 5, 3) world mm of the training annotations, ``LANDMARKS`` order.
+        case_ids: the cases to answer.
+
+    Returns:
+        One selected row per case and landmark (``case_id, landmark, class_id, rank, selected,
+        score, x, y, z, w, h, d``; boxes of ``GT_BOX_MM``, score 1).
+    """
+    landmarks = np.asarray(train_landmarks_mm, dtype=np.float64)
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (len(LANDMARKS), 3) or len(landmarks) == 0:
+        raise ValueError(f"mean_position_answers: expected training landmarks (N, {len(LANDMARKS)}, 3) "
+                         f"with N >= 1, got shape {landmarks.shape}")
+    mean = landmarks.mean(axis=0)
+    records = [{"case_id": case_id, "landmark": name, "class_id": index + 1, "rank": 0, "selected": True,
+                "score": 1.0, "x": mean[index, 0], "y": mean[index, 1], "z": mean[index, 2],
+                "w": GT_BOX_MM[index], "h": GT_BOX_MM[index], "d": GT_BOX_MM[index]}
+               for case_id in case_ids for index, name in enumerate(LANDMARKS)]
+    return pd.DataFrame.from_records(records)
+
+
+def _scores_record(chosen: pd.DataFrame, gt: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    """Table metrics (fractions) and their bootstrap CIs of one configuration's answers."""
+    from igrpn import metrics
+
+    scores = metrics.evaluate(chosen, gt)
+    intervals = metrics.bootstrap_ci(chosen, gt, n_boot=n_boot, seed=seed)
+    record = {k: scores[k] for k in (*PAPER_METRICS[:-1], *EXTRA_METRICS)}
+    for key in CI_METRICS:
+        if key in intervals:
+            record[f"{key}_lo"], record[f"{key}_hi"] = intervals[key]
+    return record
+
+
 def evaluate_runs(
     profile: Profile,
     manifest: str | Path,
@@ -88,14 +130,15 @@ def evaluate_runs(
 
     Reads ``report_dir/runs/<run>/checkpoint.pt`` for each run of ``RUN_CONFIGS`` that exists and
     writes ``report_dir/predictions/<run>_{noprior,prior}.csv`` (every candidate, world mm and
-    voxels) and ``report_dir/predictions/<run>_timing.csv``.
+    voxels) and ``report_dir/predictions/<run>_timing.csv``. The image-blind reference
+    (:func:`mean_position_answers`, run ``REFERENCE_RUN``, from the manifest's training split) is
+    scored beside them and written to ``report_dir/predictions/reference_mean_position.csv``.
 
     Returns:
         ``{"results": DataFrame (one row per run and prior setting, metrics as fractions, CIs),
         "predictions": {(run, prior): selected rows}, "gt": DataFrame, "missing": [runs]}``.
     """
-    from igrpn import metrics
-    from igrpn.data import load_cases, read_manifest
+    from igrpn.data import landmarks_from_row, load_cases, read_manifest
     from igrpn.detect import Detector, predict_cases
     from igrpn.prior import GraphPrior
 
@@ -125,22 +168,26 @@ def evaluate_runs(
         for use_prior, rows in settings:
             chosen = answers(rows)
             predictions[(run, use_prior)] = chosen
-            scores = metrics.evaluate(chosen, gt)
-            intervals = metrics.bootstrap_ci(chosen, gt, n_boot=n_boot, seed=seed)
             time_ms = timing["model_ms"] + timing["postprocess_ms"]
             if use_prior:
                 time_ms = time_ms + timing["prior_ms"]
-            record = {"run": run, "method": method, "iou_balance": iou_balance, "prior": use_prior,
-                      **{k: scores[k] for k in (*PAPER_METRICS[:-1], *EXTRA_METRICS)},
-                      "time_ms": float(np.median(time_ms)),
-                      "model_ms": float(np.median(timing["model_ms"])),
-                      "postprocess_ms": float(np.median(timing["postprocess_ms"]
-                                                        + (timing["prior_ms"] if use_prior else 0.0))),
-                      "n_cases": len(cases)}
-            for key in CI_METRICS:
-                if key in intervals:
-                    record[f"{key}_lo"], record[f"{key}_hi"] = intervals[key]
-            records.append(record)
+            records.append({"run": run, "method": method, "iou_balance": iou_balance, "prior": use_prior,
+                            **_scores_record(chosen, gt, n_boot, seed),
+                            "time_ms": float(np.median(time_ms)),
+                            "model_ms": float(np.median(timing["model_ms"])),
+                            "postprocess_ms": float(np.median(timing["postprocess_ms"]
+                                                              + (timing["prior_ms"] if use_prior else 0.0))),
+                            "n_cases": len(cases)})
+
+    train_rows = table[table["split"] == "train"]
+    if len(train_rows):
+        reference = mean_position_answers(np.stack([landmarks_from_row(row) for _, row in train_rows.iterrows()]),
+                                          [case.case_id for case in cases])
+        _write_csv(reference, out / "reference_mean_position.csv")
+        predictions[(REFERENCE_RUN, False)] = reference
+        records.append({"run": REFERENCE_RUN, "method": "reference", "iou_balance": False, "prior": False,
+                        **_scores_record(reference, gt, n_boot, seed), "time_ms": 0.0, "model_ms": 0.0,
+                        "postprocess_ms": 0.0, "n_cases": len(cases)})
     return {"results": pd.DataFrame.from_records(records), "predictions": predictions, "gt": gt,
             "missing": missing}
 
@@ -162,7 +209,7 @@ def build_table(results: pd.DataFrame, rows, table_number: int) -> pd.DataFrame:
     paper = paper[paper["table"] == table_number]
     out = []
     for label, run, use_prior in rows:
-        method, iou_balance = RUN_CONFIGS[run]
+        method, iou_balance = RUN_CONFIGS.get(run, ("reference", False))
         row = {"method": label, "run": run, "iou_balance": iou_balance, "prior": use_prior}
         ours = results[(results["run"] == run) & (results["prior"] == use_prior)] if len(results) else results
         if len(ours):
@@ -177,7 +224,7 @@ def build_table(results: pd.DataFrame, rows, table_number: int) -> pd.DataFrame:
                     row[column] = scale * ours[column] if column in ours and pd.notna(ours[column]) else np.nan
             row["status"] = "ok"
         else:
-            row["status"] = "not trained"
+            row["status"] = "not trained" if run in RUN_CONFIGS else "no training split"
         if table_number == 1:
             match = paper[paper["method"] == label]
         else:
@@ -234,6 +281,35 @@ def claims_table(evaluation: dict, n_boot: int = 1000, seed: int = 0) -> pd.Data
     return pd.DataFrame.from_records(records)
 
 
+def reference_table(evaluation: dict, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Each configuration against the image-blind reference: paired bootstrap of Δ d-mean (mm,
+    configuration − reference; negative = better than ignoring the image)."""
+    from igrpn import metrics
+
+    predictions, gt = evaluation["predictions"], evaluation["gt"]
+    reference = predictions.get((REFERENCE_RUN, False))
+    records = []
+    for (run, use_prior), chosen in predictions.items():
+        if reference is None or run == REFERENCE_RUN:
+            continue
+        test = metrics.paired_bootstrap(reference, chosen, gt, metric="d_mean", n_boot=n_boot, seed=seed)
+        records.append({"run": run, "prior": use_prior, "d_mean_diff": test["diff"], "d_mean_lo": test["lo"],
+                        "d_mean_hi": test["hi"], "p_value": test["p_value"],
+                        "verdict": {"holds": "better", "contradicted": "worse"}.get(
+                            verdict(test["lo"], test["hi"]), "not distinguishable")})
+    return pd.DataFrame.from_records(records, columns=["run", "prior", "d_mean_diff", "d_mean_lo", "d_mean_hi",
+                                                       "p_value", "verdict"])
+
+
+def reference_markdown(frame: pd.DataFrame) -> str:
+    lines = ["| configuration | Δ d-mean vs the image-blind answer, mm [95 % CI] | p | than ignoring the image |",
+             "|---|---|---|---|"]
+    for row in frame.itertuples():
+        lines.append(f"| {row.run}{' + prior' if row.prior else ''} | {row.d_mean_diff:+.2f} "
+                     f"[{row.d_mean_lo:+.2f}, {row.d_mean_hi:+.2f}] | {row.p_value:.3f} | {row.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(value, digits: int = 2) -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
@@ -280,7 +356,7 @@ def claims_markdown(claims: pd.DataFrame) -> str:
 
 
 def write_tables(evaluation: dict, tables_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Write ``table1``/``table2`` (csv + md), ``claims`` (csv + md) and ``results.csv``."""
+    """Write ``table1``/``table2``, ``claims``, ``eyes`` and ``reference`` (csv + md) and ``results.csv``."""
     tables_dir = Path(tables_dir)
     tables_dir.mkdir(parents=True, exist_ok=True)
     results = evaluation["results"]
@@ -295,7 +371,10 @@ def write_tables(evaluation: dict, tables_dir: str | Path, n_boot: int = 1000, s
     eyes = eye_pair_table(evaluation)
     _write_csv(eyes, tables_dir / "eyes.csv")
     (tables_dir / "eyes.md").write_text(eye_pair_markdown(eyes))
-    return {"table1": table1, "table2": table2, "claims": claims, "eyes": eyes}
+    reference = reference_table(evaluation, n_boot=n_boot, seed=seed)
+    _write_csv(reference, tables_dir / "reference.csv")
+    (tables_dir / "reference.md").write_text(reference_markdown(reference))
+    return {"table1": table1, "table2": table2, "claims": claims, "eyes": eyes, "reference": reference}
 
 
 def eye_pair_table(evaluation: dict) -> pd.DataFrame:
@@ -451,9 +530,22 @@ def targets_markdown(table1: pd.DataFrame, table2: pd.DataFrame, out_dir: Path) 
     return "\n".join(lines) + "\n"
 
 
+def reference_intro(table1: pd.DataFrame) -> str:
+    """What the image-blind reference is, with its d-mean read off Table 1."""
+    row = table1[(table1["run"] == REFERENCE_RUN) & (table1["status"] == "ok")]
+    if row.empty:
+        return "_no image-blind reference (the manifest has no training split)_"
+    row = row.iloc[0]
+    return (f"The last row of Table 1 answers every landmark at its mean position over the training "
+            f"annotations (world mm), whatever the volume shows: d-mean {row['d_mean']:.2f} mm "
+            f"[{row['d_mean_lo']:.2f}, {row['d_mean_hi']:.2f}]. A method that does not beat it has learnt where "
+            "faces usually lie in the volume, not where this face is. Paired bootstrap over the test "
+            "volumes (Δ = configuration − reference; negative is better):")
+
+
 def ranking_markdown(table1: pd.DataFrame) -> str:
     """Table 1's methods ranked by d-mean here and in the paper, and where the two orders agree."""
-    rows = table1[table1["status"] == "ok"]
+    rows = table1[(table1["status"] == "ok") & (table1["method"] != REFERENCE_LABEL)]
     if rows.empty:
         return "_no trained method_\n"
     ours = list(rows.sort_values("d_mean")["method"])
@@ -500,6 +592,11 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
         "## Ranking of the methods, here and in the paper",
         "",
         ranking_markdown(table1) if len(table1) else "_no table_",
+        "## Better than ignoring the image?",
+        "",
+        reference_intro(table1) if len(table1) else "_no table_",
+        "",
+        read("reference.md"),
         "## The paper's claims, tested here",
         "",
         "Paired bootstrap over test volumes (Δ = after − before; a negative Δ d-mean is an improvement). "

@@ -24,7 +24,9 @@ def test_table_puts_percentages_and_paper_numbers_beside_ours():
     row = table[table["method"] == "IG-RPN"].iloc[0]
     assert row["status"] == "ok" and row["ap50"] == pytest.approx(80.0) and row["d_mean"] == 4.0
     assert row["paper_ap50"] == pytest.approx(82.50) and row["paper_time_ms"] == 515
-    assert (table.loc[table["method"] != "IG-RPN", "status"] == "not trained").all()
+    others = table[~table["method"].isin(["IG-RPN", report.REFERENCE_LABEL])]
+    assert (others["status"] == "not trained").all()
+    assert table.iloc[-1]["status"] == "no training split"  # no reference row in these results
     markdown = report.table_markdown(table)
     assert "80.00 [70.00, 90.00] (82.50)" in markdown and "not trained (4.74)" in markdown
     table2 = report.build_table(results, report.TABLE2_ROWS, 2)
@@ -58,3 +60,28 @@ def test_ranking_compares_our_order_with_the_papers():
     ])
     text = report.ranking_markdown(table)
     assert "here: A < B; the paper: B < A" in text and "The orders differ" in text
+
+
+def test_mean_position_answers_every_case_at_the_training_mean():
+    train = np.zeros((2, 5, 3))
+    train[1] += np.arange(15).reshape(5, 3)  # the mean is half of this
+    answers = report.mean_position_answers(train, ["a", "b"])
+    assert len(answers) == 10 and answers["selected"].all()
+    chin = answers[(answers["case_id"] == "b") & (answers["landmark"] == "chin")].iloc[0]
+    assert (chin["x"], chin["y"], chin["z"]) == (6.0, 6.5, 7.0) and chin["w"] == pytest.approx(31.2)
+    with pytest.raises(ValueError, match=r"\(N, 5, 3\)"):
+        report.mean_position_answers(np.zeros((0, 5, 3)), ["a"])
+
+
+def test_reference_table_says_whether_a_method_beats_ignoring_the_image():
+    gt = pd.DataFrame([{"case_id": f"c{i}", "landmark": "chin", "x": 10.0 * (i % 3), "y": 0.0, "z": 0.0,
+                        "w": 31.2, "h": 31.2, "d": 31.2} for i in range(12)])
+    reference = gt.assign(score=1.0, x=10.0)  # the mean position: 0 or 10 mm off
+    good = gt.assign(score=0.9, x=gt["x"] + 1.0)  # 1 mm off everywhere
+    bad = gt.assign(score=0.9, x=gt["x"] + 25.0)
+    evaluation = {"gt": gt, "predictions": {(report.REFERENCE_RUN, False): reference,
+                                            ("rpn_ib", False): good, ("ssd_ib", True): bad}}
+    frame = report.reference_table(evaluation, n_boot=200).set_index("run")
+    assert frame.loc["rpn_ib", "verdict"] == "better" and frame.loc["ssd_ib", "verdict"] == "worse"
+    assert frame.loc["rpn_ib", "d_mean_diff"] == pytest.approx(1.0 - 20.0 / 3)
+    assert "ssd_ib + prior" in report.reference_markdown(frame.reset_index())

@@ -19,13 +19,16 @@ def test_smoke_reproduction_end_to_end(smoke_manifest, tmp_path):
     assert "fig4_from_an_earlier_run" not in text
     assert "synthetic fetal-face ultrasound phantom" in text
     assert "## Table 1" in text and "## Table 2" in text
-    for name in ("table1", "table2", "claims", "eyes"):
+    for name in ("table1", "table2", "claims", "eyes", "reference"):
         assert (out / "tables" / f"{name}.csv").exists() and (out / "tables" / f"{name}.md").exists()
     assert "## The eyes: found, and named" in text
     eyes = pd.read_csv(out / "tables" / "eyes.csv")
-    assert len(eyes) == 12 and (eyes["n_cases"] == 4).all()  # six runs with and without the prior
+    # six runs with and without the prior, and the image-blind reference
+    assert len(eyes) == 13 and (eyes["n_cases"] == 4).all()
     table1, table2 = pd.read_csv(out / "tables" / "table1.csv"), pd.read_csv(out / "tables" / "table2.csv")
-    assert list(table1["method"]) == ["Faster R-CNN", "IG-SSD", "Heatmap", "IG-RPN"]
+    assert list(table1["method"]) == ["Faster R-CNN", "IG-SSD", "Heatmap", "IG-RPN", "Mean training position (no image)"]
+    assert "## Better than ignoring the image?" in text
+    assert len(pd.read_csv(out / "tables" / "reference.csv")) == 12
     assert len(table2) == 8 and (table1["status"] == "ok").all() and (table2["status"] == "ok").all()
     for column in ("method", "iou_balance", "prior", "ap", "ap35", "ap50", "ap75", "miou", "d_mean",
                    "time_ms", "hit35", "hit50", "hit75", "d_mean_lo", "d_mean_hi", "paper_d_mean"):
