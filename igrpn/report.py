@@ -543,6 +543,19 @@ def reference_intro(table1: pd.DataFrame) -> str:
             "volumes (Δ = configuration − reference; negative is better):")
 
 
+def per_landmark_markdown(per_landmark: pd.DataFrame) -> str:
+    """Mean (median) distance per landmark and configuration, mm, from notebook 03's
+    ``per_landmark.csv`` (columns ``config, landmark, d_mean, d_median``)."""
+    names = [n for n in LANDMARKS if n in set(per_landmark["landmark"])]
+    lines = ["| configuration | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for config, rows in per_landmark.groupby("config", sort=False):
+        rows = rows.set_index("landmark")
+        lines.append(f"| {config} | " + " | ".join(
+            f"{_fmt(rows.loc[n, 'd_mean'], 1)} ({_fmt(rows.loc[n, 'd_median'], 1)})" if n in rows.index else "–"
+            for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def ranking_markdown(table1: pd.DataFrame) -> str:
     """Table 1's methods ranked by d-mean here and in the paper, and where the two orders agree."""
     rows = table1[(table1["status"] == "ok") & (table1["method"] != REFERENCE_LABEL)]
@@ -607,6 +620,12 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
         "",
         targets_markdown(table1, pd.read_csv(tables / "table2.csv"), out_dir)
         if len(table1) and (tables / "table2.csv").exists() else "_no table_",
+        "## Per landmark",
+        "",
+        "Mean (median) distance of each landmark's answer to its ground truth, test split, mm.",
+        "",
+        per_landmark_markdown(pd.read_csv(tables / "per_landmark.csv"))
+        if (tables / "per_landmark.csv").exists() else "_not produced_\n",
         "## The eyes: found, and named",
         "",
         "The eye distances above mix two failures: missing an eye, and finding both but calling the "

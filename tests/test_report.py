@@ -85,3 +85,12 @@ def test_reference_table_says_whether_a_method_beats_ignoring_the_image():
     assert frame.loc["rpn_ib", "verdict"] == "better" and frame.loc["ssd_ib", "verdict"] == "worse"
     assert frame.loc["rpn_ib", "d_mean_diff"] == pytest.approx(1.0 - 20.0 / 3)
     assert "ssd_ib + prior" in report.reference_markdown(frame.reset_index())
+
+
+def test_per_landmark_markdown_gives_mean_and_median_per_configuration():
+    frame = pd.DataFrame([{"config": "rpn_ib", "landmark": "chin", "d_mean": 30.04, "d_median": 28.0},
+                          {"config": "rpn_ib", "landmark": "left_eye", "d_mean": 2.0, "d_median": 1.0},
+                          {"config": "mean_position", "landmark": "chin", "d_mean": 31.0, "d_median": 29.0}])
+    text = report.per_landmark_markdown(frame)
+    assert "| configuration | left_eye | chin |" in text
+    assert "| rpn_ib | 2.0 (1.0) | 30.0 (28.0) |" in text and "| mean_position | – | 31.0 (29.0) |" in text
