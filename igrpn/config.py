@@ -37,7 +37,7 @@ class Profile:
     name: str
     spacing_mm: float  # isotropic spacing the volumes are resampled to
     width: int  # backbone base width (channels of block 1; doubled per block)
-    epochs: int
+    epochs: int  # of every method without an entry in ``epochs_by_method``
     batch_size: int
     lr: float
     weight_decay: float = 1e-4
@@ -78,6 +78,30 @@ class Profile:
     manifest: str = "data_manifest.csv"  # default data set, relative to the repository
     data_dir: str = "data/phantom"  # where its volumes are generated, relative to the manifest
     extra: dict = field(default_factory=dict)
+    #: Epochs of particular methods (``METHODS`` name -> epochs) where they differ from ``epochs``;
+    #: :meth:`for_method` resolves them. A training stores the resolved profile.
+    epochs_by_method: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.epochs_by_method) - set(METHODS))
+        if unknown:
+            raise ValueError(f"profile {self.name!r}: epochs_by_method names unknown methods {unknown}; "
+                             f"expected some of {list(METHODS)}")
+        bad = {m: e for m, e in self.epochs_by_method.items() if int(e) != e or e < 1}
+        if bad:
+            raise ValueError(f"profile {self.name!r}: epochs_by_method must give positive integers, got {bad}")
+
+    def for_method(self, method: str) -> "Profile":
+        """This profile with ``epochs`` set to ``method``'s own and no per-method table left."""
+        if not self.epochs_by_method:
+            return self
+        return dataclasses.replace(self, epochs=int(self.epochs_by_method.get(method, self.epochs)),
+                                   epochs_by_method={})
+
+    def epochs_text(self) -> str:
+        """E.g. ``16 epochs (rpn 22, heatmap 30)``."""
+        overrides = ", ".join(f"{m} {e}" for m, e in self.epochs_by_method.items())
+        return f"{self.epochs} epochs" + (f" ({overrides})" if overrides else "")
 
     def mm_to_vox(self, mm):
         """Convert a length (or tuple of lengths) in mm to voxels at this profile's spacing."""
@@ -92,13 +116,18 @@ class Profile:
     @classmethod
     def from_dict(cls, data: dict) -> "Profile":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = set(data) - known, known - set(data)
+        unknown, missing = set(data) - known, known - set(data) - _FIELDS_WITH_SAFE_DEFAULTS
         if unknown or missing:
             # Filling a missing field with today's default could silently build another network.
             raise ValueError(f"profile from another igrpn version: unknown fields {sorted(unknown)}, "
                              f"missing fields {sorted(missing)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**values)
+
+
+#: Fields added later that change no network or training when left at their defaults: a profile
+#: stored without them (an older checkpoint) still loads.
+_FIELDS_WITH_SAFE_DEFAULTS = {"epochs_by_method"}
 
 
 PROFILES: dict[str, Profile] = {
@@ -111,14 +140,17 @@ PROFILES: dict[str, Profile] = {
     ),
     # make reproduce: all of Table 1 and 2 on a 2-core CPU, half the paper's resolution.
     # Whole volumes, not crops: a model trained on face-centred crops never saw the far field
-    # (skull, uterine wall) it meets at inference and answered there (REPORT.md). 16 epochs: bf16
-    # autocast and matching near the GT boxes only made a step ~3× faster than the 8 epochs' fp32
-    # (docs/accuracy.md); the slowest training, Faster R-CNN, stays under 10 minutes.
+    # (skull, uterine wall) it meets at inference and answered there (REPORT.md). Each method gets
+    # the epochs that fill about 9 of the 10 minutes a training may take here (per epoch: Faster
+    # R-CNN ~34 s, RPN ~24, SSD ~22, heatmap ~17): every validation curve was still falling, and an
+    # RPN trained for 64 epochs went from ~26 mm at epoch 16 to ~15 mm by epoch 30
+    # (docs/accuracy.md §10).
     # The paper's random sampling, no hard negatives: 256 per volume helped the chin and hurt every
     # other landmark over two seeds, and left a flat score map (top p ≈ 0.12 over the whole face;
     # docs/accuracy.md §6, §8).
     "cpu": Profile(
         name="cpu", spacing_mm=2.6, width=16, epochs=16, batch_size=2, lr=2e-3,
+        epochs_by_method={"rpn": 22, "ssd": 24, "heatmap": 30},
     ),
     # The paper's sizes exactly (GPU).
     "paper": Profile(

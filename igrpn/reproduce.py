@@ -77,7 +77,7 @@ def finished_run(run_dir: Path, profile_name: str, method: str, iou_balance: boo
     except CheckpointError:
         return False
     config = ckpt["config"]
-    profile = get_profile(profile_name)
+    profile = get_profile(profile_name).for_method(method)
     return (config["profile"] == profile.to_dict() and config["iou_balance"] == iou_balance
             and config["seed"] == seed and ckpt["epoch"] == profile.epochs - 1)
 

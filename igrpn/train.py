@@ -237,6 +237,7 @@ def train(
     profile = get_profile(profile) if isinstance(profile, str) else profile
     if method not in config.METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {config.METHODS}")
+    profile = profile.for_method(method)
     if max_steps_per_epoch is not None and max_steps_per_epoch < 1:
         raise ValueError(f"max_steps_per_epoch must be >= 1, got {max_steps_per_epoch}")
     context = distributed.init_distributed(device)
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     profile = get_profile(args.profile)
     if args.epochs is not None:
-        profile = dataclasses.replace(profile, epochs=args.epochs)
+        profile = dataclasses.replace(profile, epochs=args.epochs, epochs_by_method={})
     path = train(profile, method=args.method, iou_balance=not args.no_iou_balance, seed=args.seed,
                  out_dir=args.out, manifest=args.manifest, resume=not args.no_resume,
                  max_epochs=args.max_epochs, device=args.device, max_steps_per_epoch=args.max_steps_per_epoch)

@@ -101,3 +101,13 @@ def test_anchor_coverage_reports_every_landmark(smoke_manifest):
     coverage = train.anchor_coverage(cases, profile)
     assert len(coverage) == 2 * 5
     assert coverage["best_iou"].between(0, 1).all() and (coverage["num_positive"] >= 1).all()
+
+
+def test_a_method_trains_its_own_epochs_and_stores_them(smoke_manifest, tmp_path):
+    profile = dataclasses.replace(get_profile("smoke"), epochs=3, epochs_by_method={"heatmap": 1})
+    path = train.train(profile, method="heatmap", seed=0, out_dir=tmp_path / "run", manifest=smoke_manifest,
+                       progress=False)
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert len(log[log["kind"] == "epoch"]) == 1
+    stored = torch.load(path, map_location="cpu", weights_only=True)["config"]["profile"]
+    assert stored["epochs"] == 1 and stored["epochs_by_method"] == {}

@@ -1,0 +1,32 @@
+"""Profiles: per-method epochs, and profiles stored by an older version."""
+
+import dataclasses
+
+import pytest
+
+from igrpn.config import Profile, get_profile
+
+
+def test_per_method_epochs_resolve_for_that_method_only():
+    profile = dataclasses.replace(get_profile("smoke"), epochs=3, epochs_by_method={"heatmap": 5})
+    assert profile.for_method("heatmap").epochs == 5 and profile.for_method("heatmap").epochs_by_method == {}
+    assert profile.for_method("rpn").epochs == 3
+    assert profile.epochs_text() == "3 epochs (heatmap 5)"
+    plain = get_profile("smoke")
+    assert plain.for_method("rpn") is plain
+
+
+@pytest.mark.parametrize("table, message", [({"unet": 4}, "unknown methods \\['unet'\\]"),
+                                            ({"rpn": 0}, "positive integers")])
+def test_bad_per_method_epochs_are_refused_with_the_profile_name(table, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(get_profile("smoke"), epochs_by_method=table)
+
+
+def test_a_profile_stored_without_per_method_epochs_still_loads():
+    stored = get_profile("cpu").to_dict()
+    del stored["epochs_by_method"]
+    assert Profile.from_dict(stored).epochs_by_method == {}
+    del stored["width"]
+    with pytest.raises(ValueError, match="missing fields \\['width'\\]"):
+        Profile.from_dict(stored)
