@@ -143,8 +143,8 @@ PROFILES: dict[str, Profile] = {
     # (skull, uterine wall) it meets at inference and answered there (REPORT.md). Each method gets
     # the epochs that fill about 9 of the 10 minutes a training may take here (per epoch: Faster
     # R-CNN ~34 s, RPN ~24, SSD ~22, heatmap ~17): every validation curve was still falling, and an
-    # RPN trained for 64 epochs went from ~26 mm at epoch 16 to ~15 mm by epoch 30
-    # (docs/accuracy.md §10).
+    # RPN trained for 64 epochs (25 minutes) reached 11.7 mm on the test split against 26.7 mm for
+    # 16 epochs (docs/accuracy.md §10).
     # The paper's random sampling, no hard negatives: 256 per volume helped the chin and hurt every
     # other landmark over two seeds, and left a flat score map (top p ≈ 0.12 over the whole face;
     # docs/accuracy.md §6, §8).

@@ -226,7 +226,7 @@ def train(
         manifest: the data set (train split used; a part held out for validation).
         resume: continue from ``out_dir/checkpoint.pt`` when it is of the same configuration.
         max_epochs: stop after this many epochs in total (for tests of interruption); the learning
-            rate schedule still follows ``profile.epochs``.
+            rate schedule still follows the method's epochs (``profile.for_method(method).epochs``).
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available). Forward and loss run under
             bf16 autocast where the device computes bf16 natively (``profile.mixed_precision``).
             Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel, see
