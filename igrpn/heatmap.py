@@ -214,14 +214,69 @@ class HeatmapModel(LandmarkModel):
         """One candidate per landmark: the GT-sized cube centred at the refined arg-max, scored by
         the heatmap's peak value (≈ 1 for a confident peak). ``top_k`` = 0 gives none.
 
-        Returns ``[volume][landmark] = (boxes (n, 6) centre form voxels, scores (n,))``, n ≤ 1."""
+        With the mirror pair merged (``profile.merge_mirror_pairs``) the two eyes share one list of
+        two places instead: the peaks of the pair's pooled map (the larger of the two heatmaps at
+        each cell) at least half an eye box apart. Trained on mirrored faces, each eye heatmap
+        fires on both eyes, so the two arg-maxes alone often land on the same eye.
+
+        Returns ``[volume][landmark] = (boxes (n, 6) centre form voxels, scores (n,))``, n ≤ 1
+        (n ≤ 2 for a merged pair)."""
         top_k = self.profile.top_k if top_k is None else int(top_k)
         heatmaps = outputs["heatmaps"].float()
         points = refine_argmax(heatmaps, self.output_stride)  # (N, 5, 3)
         peaks = heatmaps.flatten(2).amax(dim=-1)  # (N, 5)
         boxes = self.gt_boxes(points)  # (N, 5, 6)
         n = min(top_k, 1)
-        return [
+        results = [
             [(boxes[b, c, None][:n], peaks[b, c, None][:n]) for c in range(NUM_LANDMARKS)]
             for b in range(heatmaps.shape[0])
         ]
+        if n == 0:
+            return results
+        for a, b in self.mirror_pairs:
+            a, b = a - 1, b - 1  # class ids -> heatmap channels
+            edge = float(self.gt_box_vox()[a])
+            # Half an eye box: the distance select_answers asks between a pair's two answers.
+            pair_points, pair_scores = two_peaks(torch.maximum(heatmaps[:, a], heatmaps[:, b]),
+                                                 edge / 2, self.output_stride)
+            sizes = pair_points.new_full((2, 3), edge)
+            for volume, (volume_points, volume_scores) in enumerate(zip(pair_points, pair_scores)):
+                pair = (torch.cat([volume_points, sizes], dim=1), volume_scores)
+                results[volume][a] = results[volume][b] = pair
+        return results
+
+
+def two_peaks(heatmap: Tensor, min_distance_vox: float, stride: int = 1) -> tuple[Tensor, Tensor]:
+    """The two highest peaks of each heatmap at least ``min_distance_vox`` apart.
+
+    The first is the refined arg-max (:func:`refine_argmax`). The second is the highest local
+    maximum (no higher cell among its 26 neighbours) whose centre lies at least
+    ``min_distance_vox`` from the first: the first peak's own flank never counts as a second place.
+    It is refined from its own neighbourhood.
+
+    Args:
+        heatmap: (N, X, Y, Z), cells of ``stride`` input voxels.
+        min_distance_vox: suppression radius, input voxels.
+
+    Returns:
+        points (N, 2, 3) input voxels, best first; scores (N, 2) the heatmap values at the two
+        cells (the second is the map's minimum when there is no second local maximum).
+    """
+    if heatmap.ndim != 4:
+        raise ValueError(f"two_peaks: heatmap must be (N, X, Y, Z), got {tuple(heatmap.shape)}")
+    heatmap = heatmap.float()
+    first = refine_argmax(heatmap[:, None], stride)[:, 0]  # (N, 3)
+    first_score = heatmap.flatten(1).amax(dim=1)
+    centres = [cell_centres_vox(size, stride, device=heatmap.device) for size in heatmap.shape[1:]]
+    # Squared distance of every cell centre to the first peak, separably per axis.
+    dx, dy, dz = ((c[None, :] - first[:, axis, None]) ** 2 for axis, c in enumerate(centres))
+    near = (dx[:, :, None, None] + dy[:, None, :, None] + dz[:, None, None, :]) < min_distance_vox ** 2
+    local_max = heatmap >= F.max_pool3d(heatmap[:, None], 3, stride=1, padding=1)[:, 0]
+    floor = heatmap.flatten(1).amin(dim=1)[:, None, None, None].expand_as(heatmap)
+    candidates = torch.where(local_max & ~near, heatmap, floor)
+    second_score, index = candidates.flatten(1).max(dim=1)
+    # Refine the second cell from the original values of its 3×3×3 neighbourhood alone.
+    chosen = torch.zeros_like(heatmap).flatten(1).scatter_(1, index[:, None], 1.0).view_as(heatmap)
+    around = F.max_pool3d(chosen[:, None], 3, stride=1, padding=1)[:, 0] > 0
+    second = refine_argmax(torch.where(around, heatmap, floor)[:, None], stride)[:, 0]
+    return torch.stack([first, second], dim=1), torch.stack([first_score, second_score], dim=1)

@@ -3,6 +3,8 @@ building blocks against known answers, and each model end to end on tiny inputs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -300,7 +302,7 @@ def test_faster_rcnn_forward_shapes():
 
 def test_heatmap_forward_shapes_and_candidate_boxes():
     torch.manual_seed(0)
-    model = HeatmapModel(SMOKE)
+    model = HeatmapModel(dataclasses.replace(SMOKE, merge_mirror_pairs=False))
     volumes, _ = _synthetic_batch()
     out = model(volumes)
     assert out["heatmaps"].shape == (2, NUM_LANDMARKS, 16, 16, 16)  # half resolution
@@ -316,6 +318,26 @@ def test_heatmap_forward_shapes_and_candidate_boxes():
         assert float((boxes[0, :3] - truth[0, c]).abs().max()) < 0.1
         assert boxes[0, 3:].tolist() == pytest.approx([float(box_vox[c])] * 3)
         assert float(scores[0]) <= 0.8 + 1e-6 and float(scores[0]) > 0.5
+
+
+def test_heatmap_eye_pair_gives_both_eyes_two_distinct_places():
+    # Both eye channels fire on both eyes (mirrored training), the left one's arg-max on the
+    # right eye: the pooled pair still yields the two eyes, the stronger first, for both classes.
+    model = HeatmapModel(SMOKE)
+    eye_a, eye_b = torch.tensor([10.2, 12.6, 9.4]), torch.tensor([19.7, 12.1, 9.9])
+    truth = torch.tensor([[eye_a.tolist(), [15.0, 18.0, 9.0], eye_b.tolist(), [15.0, 8.0, 14.0],
+                           [15.0, 4.0, 22.0]]])
+    maps = heatmap_targets(truth, (32, 32, 32), sigma_vox=3.0, stride=2)
+    other = heatmap_targets(truth[:, [2, 1, 0, 3, 4]], (32, 32, 32), sigma_vox=3.0, stride=2)
+    maps[:, 0] = torch.maximum(0.6 * maps[:, 0], 0.7 * other[:, 0])  # left channel: right eye stronger
+    maps[:, 2] = 0.7 * maps[:, 2]  # right channel: right eye only
+    found = model.candidates({"heatmaps": maps}, top_k=2)[0]
+    for channel in (0, 2):
+        boxes, scores = found[channel]
+        assert boxes.shape == (2, 6) and 0.7 >= float(scores[0]) > float(scores[1]) > 0.5
+        assert float((boxes[0, :3] - eye_b).abs().max()) < 0.15
+        assert float((boxes[1, :3] - eye_a).abs().max()) < 0.15
+    assert found[1][0].shape == (1, 6)  # the other landmarks keep their single arg-max
 
 
 def _train(model, steps, lr):
