@@ -579,6 +579,18 @@ def ranking_markdown(table1: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def training_seconds(out_dir: Path, step: str) -> float:
+    """Seconds the epochs of a ``02_train <run>`` step's training took, from ``runs/<run>/log.csv``
+    (NaN for other steps or without a log)."""
+    if not step.startswith("02_train "):
+        return float("nan")
+    log = Path(out_dir) / "runs" / step.split(" ", 1)[1] / "log.csv"
+    if not log.exists():
+        return float("nan")
+    frame = pd.read_csv(log)
+    return float(frame.loc[frame["kind"] == "epoch", "seconds"].sum())
+
+
 def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Path:
     """Write ``out_dir/REPORT.md`` from the tables, figures and step times already on disk."""
     out_dir = Path(out_dir)
@@ -667,10 +679,15 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
         f"- Device: {_device()}",
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in _package_versions().items()),
         "",
-        "| step | seconds | checkpoint reused |",
-        "|---|---|---|",
-        *[f"| {s['step']} | {s['seconds']:.0f} | {'yes' if s.get('reused') else ''} |" for s in steps],
-        f"| **total** | **{total:.0f}** | |",
+        "| step | seconds | checkpoint reused | its epochs when trained, from the log (s) |",
+        "|---|---|---|---|",
+        *[f"| {s['step']} | {s['seconds']:.0f} | {'yes' if s.get('reused') else ''} | "
+          f"{_fmt(training_seconds(out_dir, s['step']), 0)} |" for s in steps],
+        f"| **total** | **{total:.0f}** | | |",
+        "",
+        "A reused training's step only re-executes its notebook; the last column is the time its epochs "
+        "took when it was trained (optimiser steps, validation excluded: the sum of the epoch times in "
+        "`runs/<run>/log.csv`).",
         "",
         "Executed notebooks: `notebooks/*.ipynb` and their `.html` renderings beside them.",
         "",

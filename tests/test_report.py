@@ -94,3 +94,13 @@ def test_per_landmark_markdown_gives_mean_and_median_per_configuration():
     text = report.per_landmark_markdown(frame)
     assert "| configuration | left_eye | chin |" in text
     assert "| rpn_ib | 2.0 (1.0) | 30.0 (28.0) |" in text and "| mean_position | – | 31.0 (29.0) |" in text
+
+
+def test_training_seconds_come_from_the_runs_log(tmp_path):
+    run = tmp_path / "runs" / "rpn_ib"
+    run.mkdir(parents=True)
+    pd.DataFrame([{"kind": "step", "seconds": np.nan}, {"kind": "epoch", "seconds": 20.5},
+                  {"kind": "epoch", "seconds": 21.0}]).to_csv(run / "log.csv", index=False)
+    assert report.training_seconds(tmp_path, "02_train rpn_ib") == pytest.approx(41.5)
+    assert np.isnan(report.training_seconds(tmp_path, "03_evaluate"))
+    assert np.isnan(report.training_seconds(tmp_path, "02_train ssd_ib"))
