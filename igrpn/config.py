@@ -37,7 +37,9 @@ class Profile:
     name: str
     spacing_mm: float  # isotropic spacing the volumes are resampled to
     width: int  # backbone base width (channels of block 1; doubled per block)
-    epochs: int  # of every method without an entry in ``epochs_by_method``
+    #: of every method without an entry in ``epochs_by_method`` (to train every method N epochs,
+    #: use :meth:`with_epochs`: ``dataclasses.replace(profile, epochs=N)`` keeps the table)
+    epochs: int
     batch_size: int
     lr: float
     weight_decay: float = 1e-4
@@ -97,6 +99,10 @@ class Profile:
             return self
         return dataclasses.replace(self, epochs=int(self.epochs_by_method.get(method, self.epochs)),
                                    epochs_by_method={})
+
+    def with_epochs(self, epochs: int) -> "Profile":
+        """This profile with every method trained ``epochs`` epochs (the per-method table cleared)."""
+        return dataclasses.replace(self, epochs=int(epochs), epochs_by_method={})
 
     def epochs_text(self) -> str:
         """E.g. ``16 epochs (rpn 22, heatmap 30)``."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import itertools
 import math
 import os
@@ -425,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     profile = get_profile(args.profile)
     if args.epochs is not None:
-        profile = dataclasses.replace(profile, epochs=args.epochs, epochs_by_method={})
+        profile = profile.with_epochs(args.epochs)
     path = train(profile, method=args.method, iou_balance=not args.no_iou_balance, seed=args.seed,
                  out_dir=args.out, manifest=args.manifest, resume=not args.no_resume,
                  max_epochs=args.max_epochs, device=args.device, max_steps_per_epoch=args.max_steps_per_epoch)

@@ -14,6 +14,9 @@ def test_per_method_epochs_resolve_for_that_method_only():
     assert profile.epochs_text() == "3 epochs (heatmap 5)"
     plain = get_profile("smoke")
     assert plain.for_method("rpn") is plain
+    # with_epochs sets every method's epochs; a plain replace keeps the per-method table
+    assert profile.with_epochs(7).for_method("heatmap").epochs == 7
+    assert dataclasses.replace(profile, epochs=7).for_method("heatmap").epochs == 5
 
 
 @pytest.mark.parametrize("table, message", [({"unet": 4}, "unknown methods \\['unet'\\]"),
