@@ -397,3 +397,11 @@ def test_loss_and_backward_run_under_bf16_autocast(method):
     losses["loss"].backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+def test_max_filter_matches_max_pool_with_stride_one():
+    from igrpn.heatmap import _max_filter_3
+
+    maps = torch.rand(2, 9, 7, 5, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.max_pool3d(maps[:, None], 3, stride=1, padding=1)[:, 0]
+    assert torch.equal(_max_filter_3(maps), expected)
