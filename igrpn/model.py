@@ -498,7 +498,7 @@ def top_anchors_per_class(logits: Tensor, k: int, group_size: int = 1, chunk: in
     num_groups = num_anchors // max(group_size, 1)
     if group_size > 1 and num_groups * group_size == num_anchors and 0 < k < num_groups:
         result = None
-        if logits.t().is_contiguous():
+        if margin_bound_applies(logits, group_size):
             result = _top_by_margin_bound(logits, k, group_size, chunk, mirror_pairs, margins)
         if result is None:
             result = _top_by_group_maxima(logits, k, group_size, chunk, mirror_pairs)
@@ -506,6 +506,12 @@ def top_anchors_per_class(logits: Tensor, k: int, group_size: int = 1, chunk: in
             return result
     top_values, top = class_major_log_probs(logits, mirror_pairs).topk(k, dim=1)
     return top_values.t(), top.t()
+
+
+def margin_bound_applies(logits: Tensor, group_size: int) -> bool:
+    """Whether :func:`top_anchors_per_class` tries the margin bound on these (M, K+1) logits:
+    class-major storage and whole groups of more than one anchor."""
+    return group_size > 1 and logits.shape[0] % group_size == 0 and logits.t().is_contiguous()
 
 
 def _top_by_margin_bound(logits: Tensor, k: int, group_size: int, chunk: int, mirror_pairs=(),
@@ -519,7 +525,7 @@ def _top_by_margin_bound(logits: Tensor, k: int, group_size: int, chunk: int, mi
     # A NaN logit makes its group's margin NaN (amax propagates it).
     if seed_count >= bound.shape[1] or bool(torch.isnan(bound).any()):
         return None
-    dropped, live = _live_classes(num_classes, mirror_pairs)
+    _, live = _live_classes(num_classes, mirror_pairs)
     # Pass 2: exact scores of each class's best groups by margin give its threshold T. (4× the
     # fewest groups that can hold k anchors: on trained RPNs more barely raise T, fewer leave it
     # far below the true k-th value.)
@@ -887,7 +893,7 @@ def anchor_candidates(logits: Tensor, deltas: Tensor, anchors: Tensor, first_pre
     logits = logits.float()
     prefix = min(max(int(first_prefix), 1), logits.shape[0])
     margins = None  # pass 1 of top_anchors_per_class, computed once for every round
-    if logits.t().is_contiguous() and anchors_per_group > 1 and logits.shape[0] % anchors_per_group == 0:
+    if margin_bound_applies(logits, anchors_per_group):
         margins = group_margins(logits, anchors_per_group, mirror_pairs=mirror_pairs)
     while True:
         # Ranking on log p is the same as on p; only the prefix is decoded and exponentiated.

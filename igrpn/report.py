@@ -76,6 +76,11 @@ def ground_truth(cases) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
+def configuration_label(run: str, prior: bool) -> str:
+    """How the tables name a configuration: ``rpn_ib`` or ``rpn_ib + prior``."""
+    return f"{run}{' + prior' if prior else ''}"
+
+
 def answers(rows: pd.DataFrame) -> pd.DataFrame:
     """The selected row of each (case, landmark): the detections that the tables score."""
     return rows[rows["selected"].astype(bool)].reset_index(drop=True)
@@ -264,8 +269,8 @@ def claims_table(evaluation: dict, n_boot: int = 1000, seed: int = 0) -> pd.Data
         if before not in predictions or after not in predictions:
             records.append({"claim": claim, "status": "not trained"})
             continue
-        record = {"claim": claim, "before": f"{before[0]}{' + prior' if before[1] else ''}",
-                  "after": f"{after[0]}{' + prior' if after[1] else ''}", "status": "ok"}
+        record = {"claim": claim, "before": configuration_label(*before), "after": configuration_label(*after),
+                  "status": "ok"}
         for metric in ("d_mean", "hit50", "ap50"):
             if "heatmap" in (before[0], after[0]) and metric != "d_mean":
                 continue
@@ -305,7 +310,7 @@ def reference_markdown(frame: pd.DataFrame) -> str:
     lines = ["| configuration | Δ d-mean vs the image-blind answer, mm [95 % CI] | p | than ignoring the image |",
              "|---|---|---|---|"]
     for row in frame.itertuples():
-        lines.append(f"| {row.run}{' + prior' if row.prior else ''} | {row.d_mean_diff:+.2f} "
+        lines.append(f"| {configuration_label(row.run, row.prior)} | {row.d_mean_diff:+.2f} "
                      f"[{row.d_mean_lo:+.2f}, {row.d_mean_hi:+.2f}] | {row.p_value:.3f} | {row.verdict} |")
     return "\n".join(lines) + "\n"
 
@@ -393,7 +398,7 @@ def eye_pair_markdown(eyes: pd.DataFrame) -> str:
     lines = ["| configuration | eye d-mean as named (mm) | as a pair, nearer naming (mm) | both eyes within "
              f"{within} | of those, named the wrong way round |", "|---|---|---|---|---|"]
     for row in eyes.itertuples():
-        lines.append(f"| {row.run}{' + prior' if row.prior else ''} | {_fmt(row.named_mm)} | {_fmt(row.pair_mm)} "
+        lines.append(f"| {configuration_label(row.run, row.prior)} | {_fmt(row.named_mm)} | {_fmt(row.pair_mm)} "
                      f"| {row.found} / {row.n_cases} | {row.swapped} |")
     return "\n".join(lines) + "\n"
 
