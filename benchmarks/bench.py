@@ -492,59 +492,6 @@ def train_measurements(size: Size, methods, device: torch.device, batch: int = 2
     return measurements
 
 
-class _LayerOutputs(nn.ModuleDict):
-    """Stand-in for torchvision's ``IntermediateLayerGetter``, which MONAI's ``BackboneWithFPN``
-    borrows (torchvision is not a dependency here: its wheels pull another torch): the backbone's
-    children up to the last returned one, run in order, returning ``{new name: output}`` of the
-    returned layers. Pure glue: every layer that computes is MONAI's."""
-
-    def __init__(self, backbone: nn.Module, return_layers: dict[str, str]):
-        wanted, kept = set(return_layers), {}
-        for name, child in backbone.named_children():
-            kept[name] = child
-            wanted.discard(name)
-            if not wanted:
-                break
-        if wanted:
-            raise ValueError(f"_LayerOutputs: the backbone has no layers {sorted(wanted)}")
-        super().__init__(kept)
-        self.return_layers = dict(return_layers)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = {}
-        for name, layer in self.items():
-            x = layer(x)
-            if name in self.return_layers:
-                outputs[self.return_layers[name]] = x
-        return outputs
-
-
-def _monai_fpn_extractor(backbone: nn.Module, returned_layers: list[int]) -> tuple[nn.Module, str]:
-    """MONAI's ``resnet_fpn_feature_extractor`` (untrained backbone, all layers trainable), and a
-    note when torchvision is missing and :class:`_LayerOutputs` stands in for its layer getter."""
-    from monai.apps.detection.networks.retinanet_network import resnet_fpn_feature_extractor
-    from monai.networks.blocks import backbone_fpn_utils
-
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        return resnet_fpn_feature_extractor(backbone=backbone, spatial_dims=3, pretrained_backbone=False,
-                                            trainable_backbone_layers=None, returned_layers=returned_layers), ""
-    # Without torchvision, call the same MONAI builder that resnet_fpn_feature_extractor calls (it
-    # only adds a trainable-layers check, 5 for an untrained backbone) with the stand-in getter.
-    saved = backbone_fpn_utils.torchvision_models
-    backbone_fpn_utils.torchvision_models = type("_Models", (), {"_utils": type("_Utils", (), {
-        "IntermediateLayerGetter": _LayerOutputs})})
-    try:
-        extractor = backbone_fpn_utils._resnet_fpn_extractor(backbone, 3, trainable_layers=5,
-                                                             returned_layers=returned_layers)
-    finally:
-        backbone_fpn_utils.torchvision_models = saved
-    return extractor, "torchvision missing: its layer getter replaced by equivalent glue"
-
-
 def build_monai_retinanet(profile: Profile, num_classes: int = len(LANDMARKS)):
     """MONAI's RetinaNetDetector as MONAI's 3D detection tutorial builds it: a ResNet-50 (bottleneck
     blocks [3, 4, 6, 3]) with an FPN on layers 1-2 (``resnet_fpn_feature_extractor``), ``RetinaNet``
@@ -554,29 +501,22 @@ def build_monai_retinanet(profile: Profile, num_classes: int = len(LANDMARKS)):
     untrained net's scores, all near its 0.01 prior, would leave post-processing nothing to do).
 
     Returns the detector (eval mode) and a note on how it was built ("" when exactly as MONAI)."""
-    from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
-    from monai.apps.detection.networks.retinanet_network import RetinaNet
-    from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
     from monai.networks.nets import resnet
+
+    from igrpn.peer import assemble_retinanet, fpn_feature_extractor
 
     returned_layers = [1, 2]
     stem_stride = [2, 2, 2]
     sizes = [s / profile.spacing_mm for s in profile.anchor_sizes_mm]
-    anchor_generator = AnchorGeneratorWithAnchorShape(
-        feature_map_scales=[2**level for level in range(len(returned_layers) + 1)],
-        base_anchor_shapes=[[s, s, s] for s in sizes],
-    )
     backbone = resnet.ResNet(
         block=resnet.ResNetBottleneck, layers=[3, 4, 6, 3], block_inplanes=resnet.get_inplanes(),
         n_input_channels=1, conv1_t_stride=stem_stride, conv1_t_size=[max(7, 2 * s + 1) for s in stem_stride],
     )
-    feature_extractor, note = _monai_fpn_extractor(backbone, returned_layers)
-    size_divisible = [s * 2 * 2 ** max(returned_layers) for s in feature_extractor.body.conv1.stride]
-    network = RetinaNet(
-        spatial_dims=3, num_classes=num_classes, num_anchors=anchor_generator.num_anchors_per_location()[0],
-        feature_extractor=feature_extractor, size_divisible=size_divisible,
-    )
-    detector = RetinaNetDetector(network=network, anchor_generator=anchor_generator, debug=False)
+    # resnet_fpn_feature_extractor's 256 FPN channels (igrpn.peer's builder, which also stands in
+    # for torchvision's layer getter where torchvision does not import).
+    feature_extractor, note = fpn_feature_extractor(backbone, returned_layers, out_channels=256)
+    detector = assemble_retinanet(feature_extractor, backbone, returned_layers, [[s, s, s] for s in sizes],
+                                  num_classes)
     detector.set_box_selector_parameters(score_thresh=0.0, topk_candidates_per_level=1000, nms_thresh=0.22,
                                          detections_per_img=100)
     return detector.eval(), note

@@ -28,6 +28,9 @@ GT_BOX_MM: tuple[float, ...] = tuple(
 ANCHOR_SIZES_MM: tuple[float, ...] = tuple(round(n * PAPER_SPACING_MM, 4) for n in (13, 16, 20, 28))
 
 METHODS: tuple[str, ...] = ("rpn", "ssd", "faster_rcnn", "heatmap")
+#: Values of ``Profile.classification_anchors`` and ``Profile.optimizer``.
+CLASSIFICATION_ANCHORS: tuple[str, ...] = ("sampled", "all", "hard_pool")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,19 @@ class Profile:
     #: background anchors with the highest landmark scores added to the RPN's sample per volume
     #: (online hard negative mining, beyond the paper; 0 = the paper's random sampling only)
     hard_negatives_per_volume: int = 0
+    #: Which anchors enter the RPN's classification loss (DESIGN §5, revised): ``"sampled"`` —
+    #: ``samples_per_volume`` drawn at random with at most ``positive_fraction`` positives (the
+    #: torchvision RPN's rule; the paper does not say); ``"all"`` — every non-ignored anchor, each
+    #: scaled by the focal factor (1 − p_t)^``focal_gamma`` and the sum divided by the positives
+    #: (RetinaNet, on which the IoU-balanced loss's own paper builds); ``"hard_pool"`` — the
+    #: positives as ``"sampled"``, the negatives drawn at random among the ``hard_negative_pool`` ×
+    #: as many background anchors scored most like a landmark (MONAI's and nnDetection's sampler).
+    classification_anchors: str = "sampled"
+    focal_gamma: float = 2.0
+    hard_negative_pool: int = 20
+    #: ``"adamw"`` (AdamW, ``lr``, ``weight_decay``) or ``"sgd"`` (momentum 0.9, Nesterov, as
+    #: nnDetection and MONAI's detection tutorials train); both with warm-up and cosine decay.
+    optimizer: str = "adamw"
     pos_iou: float = 0.5
     neg_iou: float = 0.25
     eta: float = 1.75  # IoU-balance exponent
@@ -83,22 +99,43 @@ class Profile:
     #: Epochs of particular methods (``METHODS`` name -> epochs) where they differ from ``epochs``;
     #: :meth:`for_method` resolves them. A training stores the resolved profile.
     epochs_by_method: dict = field(default_factory=dict)
+    #: Other fields of particular methods (``METHODS`` name -> {field: value}), e.g. the RPN's
+    #: optimiser where the baselines keep theirs; :meth:`for_method` resolves them too.
+    settings_by_method: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.classification_anchors not in CLASSIFICATION_ANCHORS:
+            raise ValueError(f"profile {self.name!r}: classification_anchors must be one of "
+                             f"{list(CLASSIFICATION_ANCHORS)}, got {self.classification_anchors!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"profile {self.name!r}: optimizer must be one of {list(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
         unknown = sorted(set(self.epochs_by_method) - set(METHODS))
         if unknown:
             raise ValueError(f"profile {self.name!r}: epochs_by_method names unknown methods {unknown}; "
                              f"expected some of {list(METHODS)}")
+        unknown = sorted(set(self.settings_by_method) - set(METHODS))
+        if unknown:
+            raise ValueError(f"profile {self.name!r}: settings_by_method names unknown methods {unknown}; "
+                             f"expected some of {list(METHODS)}")
+        settable = {f.name for f in dataclasses.fields(self)} - {"name", "epochs", "epochs_by_method",
+                                                                  "settings_by_method"}
+        for method, settings in self.settings_by_method.items():
+            wrong = sorted(set(settings) - settable)
+            if wrong:
+                raise ValueError(f"profile {self.name!r}: settings_by_method[{method!r}] sets {wrong}, which are "
+                                 "not per-method Profile fields (epochs go in epochs_by_method)")
         bad = {m: e for m, e in self.epochs_by_method.items() if int(e) != e or e < 1}
         if bad:
             raise ValueError(f"profile {self.name!r}: epochs_by_method must give positive integers, got {bad}")
 
     def for_method(self, method: str) -> "Profile":
-        """This profile with ``epochs`` set to ``method``'s own and no per-method table left."""
-        if not self.epochs_by_method:
+        """This profile with ``method``'s own epochs and settings and no per-method table left."""
+        if not self.epochs_by_method and not self.settings_by_method:
             return self
         return dataclasses.replace(self, epochs=int(self.epochs_by_method.get(method, self.epochs)),
-                                   epochs_by_method={})
+                                   epochs_by_method={}, settings_by_method={},
+                                   **self.settings_by_method.get(method, {}))
 
     def with_epochs(self, epochs: int) -> "Profile":
         """This profile with every method trained ``epochs`` epochs (the per-method table cleared)."""
@@ -108,6 +145,11 @@ class Profile:
         """E.g. ``16 epochs (rpn 22, heatmap 30)``."""
         overrides = ", ".join(f"{m} {e}" for m, e in self.epochs_by_method.items())
         return f"{self.epochs} epochs" + (f" ({overrides})" if overrides else "")
+
+    def settings_text(self) -> str:
+        """The per-method settings, e.g. ``rpn: optimizer=sgd, lr=0.01`` (empty when none)."""
+        return "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in settings.items())
+                         for m, settings in self.settings_by_method.items())
 
     def mm_to_vox(self, mm):
         """Convert a length (or tuple of lengths) in mm to voxels at this profile's spacing."""
@@ -133,7 +175,8 @@ class Profile:
 
 #: Fields added later that change no network or training when left at their defaults: a profile
 #: stored without them (an older checkpoint) still loads.
-_FIELDS_WITH_SAFE_DEFAULTS = {"epochs_by_method"}
+_FIELDS_WITH_SAFE_DEFAULTS = {"epochs_by_method", "settings_by_method", "classification_anchors", "focal_gamma", "optimizer",
+                              "hard_negative_pool"}
 
 
 PROFILES: dict[str, Profile] = {
@@ -181,4 +224,9 @@ RUN_CONFIGS: dict[str, tuple[str, bool]] = {
     "ssd_noib": ("ssd", False),
     "faster_rcnn": ("faster_rcnn", False),
     "heatmap": ("heatmap", False),
+    # The RPN with IoU balance once more with the next seed: the spread between two seeds of the
+    # paper's configuration, reported beside it (it is in no table of the paper).
+    "rpn_ib_seed1": ("rpn", True),
 }
+#: Added to the reproduction's seed for the runs that repeat another with another seed.
+RUN_SEED_OFFSETS: dict[str, int] = {"rpn_ib_seed1": 1}

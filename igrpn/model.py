@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from igrpn import boxes as box_ops
 from igrpn.config import LANDMARKS, LEFT_RIGHT_CLASS_PAIRS, METHODS, NUM_LANDMARKS, Profile, get_profile
-from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
+from igrpn.losses import iou_balanced_cross_entropy, iou_balanced_focal_loss, smooth_l1
 
 #: The backbone down-samples three times, so input edges must be multiples of 2³.
 INPUT_MULTIPLE = 8
@@ -770,13 +770,16 @@ class RPNModel(LandmarkModel):
         return {"cls_logits": cls_logits, "deltas": deltas, "anchors": anchors}
 
     def loss(self, outputs: dict[str, Tensor], landmarks_vox: Tensor) -> dict[str, Tensor]:
-        """IoU-balanced classification + smooth-L1 regression on sampled anchors (paper Eq. 2–3).
+        """IoU-balanced classification + smooth-L1 regression (paper Eq. 2–3).
 
-        Per volume: match the anchors to the five GT cubes, sample ``profile.samples_per_volume``
-        anchors with at most ``positive_fraction`` positives (plus, when the profile asks for it,
-        the ``hard_negatives_per_volume`` background anchors scored most like a landmark); the IoU of a positive is between its
-        decoded *predicted* box and its GT (no gradient). The classification loss runs over the
-        sampled anchors of the whole batch; regression is the mean over positives.
+        Per volume: match the anchors to the five GT cubes. With ``classification_anchors =
+        "sampled"``, sample ``profile.samples_per_volume`` anchors with at most
+        ``positive_fraction`` positives (plus, when the profile asks for it, the
+        ``hard_negatives_per_volume`` background anchors scored most like a landmark); the
+        classification loss is the mean over the sampled anchors of the batch. With ``"all"``,
+        every non-ignored anchor enters a focal, IoU-balanced loss divided by the number of
+        positives (:func:`iou_balanced_focal_loss`). The IoU of a positive is between its decoded
+        *predicted* box and its GT (no gradient); regression is the mean over the positives used.
         """
         logits, deltas, anchors = outputs["cls_logits"], outputs["deltas"], outputs["anchors"]
         landmarks_vox = self._check_landmarks(torch.as_tensor(landmarks_vox, device=logits.device), logits.shape[0])
@@ -784,33 +787,28 @@ class RPNModel(LandmarkModel):
         gt_labels = torch.arange(1, self.num_classes + 1, device=logits.device)
         generator = self.sampling_generator()
         gt_centres = self.gt_boxes(landmarks_vox)  # (N, 5, 6)
+        dense = self.profile.classification_anchors == "all"
         chosen_volume, chosen_anchor, chosen_labels, pos_volume, pos_anchor, pos_gt = [], [], [], [], [], []
+        all_labels = []
         for volume_index, gt_centre in enumerate(gt_centres):
             gt_corner = box_ops.centre_to_corner(gt_centre)
             labels, matched = box_ops.match_anchors(
                 anchors_corner, gt_corner, gt_labels, self.profile.pos_iou, self.profile.neg_iou,
                 candidates=self.anchors_near(anchors, gt_corner, self.profile.neg_iou),
             )
-            chosen = box_ops.sample_balanced(
-                labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator
-            )
-            if self.profile.hard_negatives_per_volume:
-                # The top-scoring anchor of each class is the answer, so the background anchors
-                # that look most like a landmark matter most; random sampling rarely meets them.
-                volume_logits = logits[volume_index].detach()
-                hardness = volume_logits[:, 1:].amax(dim=1).float().sub_(volume_logits[:, 0].float())
-                # Only places outside every GT box: a wrong-shaped anchor on a landmark is a
-                # negative too, but its box centre is still the right answer; the look-alikes
-                # elsewhere (skull, uterine wall, hands) are what move the top-1 answer. The A
-                # anchors of a cell share its centre: test the cells.
-                per_cell = self.num_anchors_per_cell
-                cell_centres = anchors[::per_cell, :3]
-                inside = ((cell_centres[:, None] - gt_centre[None, :, :3]).abs()
-                          <= gt_centre[None, :, 3:] / 2).all(dim=2).any(dim=1)
-                hardness.view(-1, per_cell)[inside] = float("-inf")
-                hard = box_ops.hardest_negatives(labels, hardness, self.profile.hard_negatives_per_volume,
-                                                 exclude=chosen, group_size=per_cell)
-                chosen = torch.cat([chosen, hard])
+            if dense:
+                # Every anchor enters the classification loss; every positive is regressed.
+                all_labels.append(labels)
+                chosen = torch.nonzero(labels > 0).flatten()
+            elif self.profile.classification_anchors == "hard_pool":
+                chosen = self._hard_pool_sample(logits[volume_index], labels, generator)
+            else:
+                chosen = box_ops.sample_balanced(
+                    labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator
+                )
+            if self.profile.hard_negatives_per_volume and not dense:
+                chosen = torch.cat([chosen, self._hard_negatives(logits[volume_index], labels, chosen, anchors,
+                                                                 gt_centre)])
             positives = chosen[labels[chosen] > 0]
             chosen_volume.append(torch.full_like(chosen, volume_index))
             chosen_anchor.append(chosen)
@@ -831,10 +829,19 @@ class RPNModel(LandmarkModel):
             pos_iou = box_ops.paired_box_iou(decoded, box_ops.centre_to_corner(pos_gt))
         ious = torch.zeros(labels.numel(), device=logits.device)
         ious[labels > 0] = pos_iou
-        loss_cls = iou_balanced_cross_entropy(
-            logits[chosen_volume, chosen_anchor], labels, ious, eta=self.profile.eta, enabled=self.iou_balance,
-            mirror_pairs=self.mirror_pairs,
-        )
+        if dense:
+            flat_labels = torch.cat(all_labels)  # (N·A,), volume-major like the flattened logits
+            flat_ious = torch.zeros(flat_labels.numel(), device=logits.device)
+            flat_ious[pos_volume * anchors.shape[0] + pos_anchor] = pos_iou
+            loss_cls = iou_balanced_focal_loss(
+                logits.reshape(-1, logits.shape[-1]), flat_labels, flat_ious, gamma=self.profile.focal_gamma,
+                eta=self.profile.eta, enabled=self.iou_balance, mirror_pairs=self.mirror_pairs,
+            )
+        else:
+            loss_cls = iou_balanced_cross_entropy(
+                logits[chosen_volume, chosen_anchor], labels, ious, eta=self.profile.eta, enabled=self.iou_balance,
+                mirror_pairs=self.mirror_pairs,
+            )
         loss_reg = smooth_l1(pred, box_ops.encode(pos_gt, pos_anchors))
         is_pos = labels > 0
         num_pos = is_pos.sum()
@@ -846,6 +853,40 @@ class RPNModel(LandmarkModel):
             "num_pos": num_pos.float(),
             "mean_pos_iou": mean_pos_iou.detach(),
         }
+
+    def _hard_pool_sample(self, volume_logits: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+        """Sampled positives as ``sample_balanced`` draws them, and as many negatives drawn at
+        random from the ``hard_negative_pool`` × that many background anchors with the highest
+        foreground log-odds (a pool, not the very hardest: a few mislabelled look-alikes cannot
+        dominate the loss)."""
+        profile = self.profile
+        positives = box_ops.sample_balanced(torch.where(labels > 0, labels, -1), profile.samples_per_volume,
+                                            profile.positive_fraction, generator)
+        num_neg = profile.samples_per_volume - positives.numel()
+        volume_logits = volume_logits.detach()
+        hardness = volume_logits[:, 1:].amax(dim=1).float().sub_(volume_logits[:, 0].float())
+        pool = box_ops.hardest_negatives(labels, hardness, profile.hard_negative_pool * num_neg,
+                                         group_size=self.num_anchors_per_cell)
+        pick = torch.randperm(pool.numel(), generator=generator)[:num_neg].to(pool.device)
+        return torch.cat([positives, pool[pick]])
+
+    def _hard_negatives(self, volume_logits: Tensor, labels: Tensor, chosen: Tensor, anchors: Tensor,
+                        gt_centre: Tensor) -> Tensor:
+        """Indices of ``profile.hard_negatives_per_volume`` background anchors scored most like a
+        landmark, outside every GT box and not already in ``chosen`` (online hard negative mining)."""
+        # The top-scoring anchor of each class is the answer, so the background anchors that look
+        # most like a landmark matter most; random sampling rarely meets them.
+        volume_logits = volume_logits.detach()
+        hardness = volume_logits[:, 1:].amax(dim=1).float().sub_(volume_logits[:, 0].float())
+        # Only places outside every GT box: a wrong-shaped anchor on a landmark is a negative too,
+        # but its box centre is still the right answer. The A anchors of a cell share its centre.
+        per_cell = self.num_anchors_per_cell
+        cell_centres = anchors[::per_cell, :3]
+        inside = ((cell_centres[:, None] - gt_centre[None, :, :3]).abs()
+                  <= gt_centre[None, :, 3:] / 2).all(dim=2).any(dim=1)
+        hardness.view(-1, per_cell)[inside] = float("-inf")
+        return box_ops.hardest_negatives(labels, hardness, self.profile.hard_negatives_per_volume,
+                                         exclude=chosen, group_size=per_cell)
 
     @torch.no_grad()
     @single_threaded

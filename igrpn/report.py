@@ -596,6 +596,32 @@ def training_seconds(out_dir: Path, step: str) -> float:
     return float(frame.loc[frame["kind"] == "epoch", "seconds"].sum())
 
 
+#: The experiment runner's table (igrpn.experiment), read for the report's "Against a peer".
+EXPERIMENTS_CSV = Path(__file__).resolve().parent.parent / "docs" / "experiments.csv"
+
+
+def peer_markdown(experiments: pd.DataFrame) -> str:
+    """The runs at the budgets where MONAI's RetinaNet peer was trained, on validation data.
+
+    One row per configuration and budget: the mean, the spread (min–max) over seeds and the number
+    of seeds of the validation d-mean and hit50. Empty string when no peer run exists.
+    """
+    from igrpn.experiment import PEER_METHOD
+
+    if experiments.empty or not (experiments["method"] == PEER_METHOD).any():
+        return ""
+    budgets = set(experiments.loc[experiments["method"] == PEER_METHOD, "budget_s"])
+    rows = experiments[experiments["budget_s"].isin(budgets)]
+    lines = ["| budget (min) | configuration | method | seeds | val d-mean (mm), mean [min–max] | val hit50 (%) |",
+             "|---|---|---|---|---|---|"]
+    grouped = rows.groupby(["budget_s", "name", "method"], sort=True)
+    for (budget, name, method), runs in grouped:
+        d = runs["val_d_mean"].astype(float)
+        lines.append(f"| {budget / 60:.0f} | {name} | {method} | {len(runs)} | {d.mean():.2f} "
+                     f"[{d.min():.2f}–{d.max():.2f}] | {100 * runs['val_hit50'].astype(float).mean():.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Path:
     """Write ``out_dir/REPORT.md`` from the tables, figures and step times already on disk."""
     out_dir = Path(out_dir)
@@ -655,6 +681,13 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
         "nose answers). As a pair, the nearer of the two namings counts.",
         "",
         read("eyes.md"),
+        *(["## Against a peer", "",
+            "MONAI's 3D RetinaNet (ResNet-FPN, ATSS matcher, hard-negative sampler; `igrpn.peer`) trained by "
+            "the experiment runner (`python -m igrpn.experiment`) on the same training volumes, with the same "
+            "augmentation and hold-out and the same wall-clock budget as our configurations, scored the same "
+            "way on the validation part of the training split (`docs/experiments.csv`; the test split is "
+            "not used for these runs).", "", peer] if (peer := peer_markdown(
+                pd.read_csv(EXPERIMENTS_CSV) if EXPERIMENTS_CSV.exists() else pd.DataFrame())) else []),
         "## The AP column",
         "",
         _ap_column_note(table1) if len(table1) else "_no table_",

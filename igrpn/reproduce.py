@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from igrpn.config import RUN_CONFIGS, get_profile
+from igrpn.config import RUN_CONFIGS, RUN_SEED_OFFSETS, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -94,7 +94,8 @@ def _holds_other_configuration(run_dir: Path, profile_name: str, method: str, io
         config = load_checkpoint(path)["config"]
     except CheckpointError:
         return True
-    return not (config["profile"] == get_profile(profile_name).to_dict() and config["method"] == method
+    return not (config["profile"] == get_profile(profile_name).for_method(method).to_dict()
+                and config["method"] == method
                 and config["iou_balance"] == iou_balance and config["seed"] == seed)
 
 
@@ -139,14 +140,15 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
                                                  common, progress))
     for run in runs:
         method, iou_balance = RUN_CONFIGS[run]
+        run_seed = seed + RUN_SEED_OFFSETS.get(run, 0)
         run_dir = out_dir / "runs" / run
         if force and run_dir.exists():
             shutil.rmtree(run_dir)
-        reused = finished_run(run_dir, profile_name, method, iou_balance, seed)
-        if not reused and _holds_other_configuration(run_dir, profile_name, method, iou_balance, seed):
+        reused = finished_run(run_dir, profile_name, method, iou_balance, run_seed)
+        if not reused and _holds_other_configuration(run_dir, profile_name, method, iou_balance, run_seed):
             raise ReproduceError(f"{run_dir / 'checkpoint.pt'} holds a training of another configuration "
                                  "(another profile, seed or igrpn version): rerun with --force to retrain it")
-        parameters = dict(common, method=method, iou_balance=iou_balance, seed=seed, run=run)
+        parameters = dict(common, method=method, iou_balance=iou_balance, seed=run_seed, run=run)
         timed(f"02_train {run}", lambda p=parameters, r=run: run_notebook(
             "02_train.ipynb", nb_dir / f"02_train_{r}.ipynb", p, progress), reused=reused)
     timed("03_evaluate", lambda: run_notebook("03_evaluate.ipynb", nb_dir / "03_evaluate.ipynb", common, progress))

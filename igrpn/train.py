@@ -87,6 +87,24 @@ def learning_rate(step: int, total_steps: int, base_lr: float, warmup_fraction: 
     return base_lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
+def learning_rate_at(fraction: float, base_lr: float, warmup_fraction: float = 0.05) -> float:
+    """:func:`learning_rate` as a function of the fraction of a wall-clock budget spent, in [0, 1]
+    (time-budgeted runs, where the number of steps is not known in advance)."""
+    fraction = min(1.0, max(0.0, fraction))
+    if fraction < warmup_fraction:
+        return base_lr * max(fraction / warmup_fraction, 1e-3)
+    progress = (fraction - warmup_fraction) / max(1e-9, 1.0 - warmup_fraction)
+    return base_lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(parameters, profile: Profile) -> torch.optim.Optimizer:
+    """The profile's optimiser (``profile.optimizer``) at ``profile.lr``."""
+    if profile.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=profile.lr, momentum=0.9, nesterov=True,
+                               weight_decay=profile.weight_decay)
+    return torch.optim.AdamW(parameters, lr=profile.lr, weight_decay=profile.weight_decay)
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     """Write ``obj`` to a temporary file beside ``path`` and rename it: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,9 +171,11 @@ def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
 
 
 def _run_config(profile: Profile, method: str, iou_balance: bool, seed: int, manifest: Path,
-                world_size: int = 1, max_steps_per_epoch: int | None = None) -> dict:
+                world_size: int = 1, max_steps_per_epoch: int | None = None,
+                max_seconds: float | None = None) -> dict:
     """Everything that defines a training run, as plain data (stored in the checkpoint)."""
     return {
+        "max_seconds": max_seconds,
         "profile": profile.to_dict(),
         "method": method,
         "iou_balance": bool(iou_balance),
@@ -168,7 +188,7 @@ def _run_config(profile: Profile, method: str, iou_balance: bool, seed: int, man
 
 #: Run-config keys that must match to resume, with the value a checkpoint without the key had.
 _RESUME_KEYS = {"profile": None, "method": None, "iou_balance": None, "seed": None,
-                "world_size": 1, "max_steps_per_epoch": None}
+                "world_size": 1, "max_steps_per_epoch": None, "max_seconds": None}
 
 
 def _run_differences(a: dict, b: dict) -> list[str]:
@@ -213,6 +233,8 @@ def train(
     max_epochs: int | None = None,
     device: str = "cpu",
     max_steps_per_epoch: int | None = None,
+    max_seconds: float | None = None,
+    validate_every: int = 1,
 ) -> Path:
     """Train one model and return the path of its checkpoint.
 
@@ -232,6 +254,11 @@ def train(
             :mod:`igrpn.distributed`; the checkpoint is the same as a single process's.
         max_steps_per_epoch: cut every epoch to at most this many optimiser steps (benchmarks and
             quick checks; part of the run's configuration, the schedule follows the cut epochs).
+        max_seconds: a wall-clock budget for the optimiser steps (validation and checkpoints not
+            counted) instead of an epoch count: the run trains until it is spent, the learning rate
+            follows the fraction of it spent (:func:`learning_rate_at`) and the epoch in progress
+            ends early. Such a run always starts afresh (a resumed clock would change the schedule).
+        validate_every: validate (and checkpoint) after every this many epochs, and after the last.
     """
     profile = get_profile(profile) if isinstance(profile, str) else profile
     if method not in config.METHODS:
@@ -239,10 +266,15 @@ def train(
     profile = profile.for_method(method)
     if max_steps_per_epoch is not None and max_steps_per_epoch < 1:
         raise ValueError(f"max_steps_per_epoch must be >= 1, got {max_steps_per_epoch}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    if validate_every < 1:
+        raise ValueError(f"validate_every must be >= 1, got {validate_every}")
     context = distributed.init_distributed(device)
     try:
-        return _train(profile, method, iou_balance, seed, Path(out_dir), Path(manifest).resolve(), resume,
-                      progress and context.is_main, max_epochs, max_steps_per_epoch, context)
+        return _train(profile, method, iou_balance, seed, Path(out_dir), Path(manifest).resolve(),
+                      resume and max_seconds is None, progress and context.is_main, max_epochs,
+                      max_steps_per_epoch, context, max_seconds, validate_every)
     finally:
         if context.created_group:
             distributed.cleanup()
@@ -250,14 +282,16 @@ def train(
 
 def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir: Path, manifest: Path,
            resume: bool, progress: bool, max_epochs: int | None, max_steps_per_epoch: int | None,
-           context: distributed.DistributedContext) -> Path:
+           context: distributed.DistributedContext, max_seconds: float | None = None,
+           validate_every: int = 1) -> Path:
     """The body of :func:`train` in one process of a (possibly one-process) group."""
     from tqdm.auto import tqdm
 
     from igrpn.data import LandmarkDataset, collate, load_cases, read_manifest
     from igrpn.model import build_model
 
-    run_config = _run_config(profile, method, iou_balance, seed, manifest, context.world_size, max_steps_per_epoch)
+    run_config = _run_config(profile, method, iou_balance, seed, manifest, context.world_size, max_steps_per_epoch,
+                             max_seconds)
     # For the record only (not a resume key): the arithmetic this machine trains in.
     use_bf16 = profile.mixed_precision and distributed.mixed_precision(context.device)
     run_config["precision"] = "bf16 autocast" if use_bf16 else "fp32"
@@ -281,7 +315,7 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
                           "(left and right eye swapped in some annotations?)", stacklevel=2)
 
     model = distributed.place_model(build_model(method, profile, iou_balance=iou_balance), context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
+    optimizer = make_optimizer(model.parameters(), profile)
     dataset = LandmarkDataset(train_cases, augment=True, rotation_deg=profile.rotation_deg,
                               flip_prob=profile.flip_prob, seed=seed,
                               crop_size=None if profile.crop_mm is None else round(profile.crop_mm / profile.spacing_mm),
@@ -314,6 +348,9 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
     if not distributed.all_ranks_equal(start_epoch):
         raise CheckpointError(f"{ckpt_path}: not visible alike to every process; put --out on a shared file system")
     last_epoch = profile.epochs if max_epochs is None else min(profile.epochs, max_epochs)
+    if max_seconds is not None:
+        last_epoch = max_epochs or 1_000_000  # the clock ends the run
+    train_seconds = 0.0  # optimiser steps only (the budget's clock)
     net = distributed.wrap_model(model, context)  # DDP in a group, else the model itself
     on_cuda = context.device.type == "cuda"
     if on_cuda:
@@ -332,10 +369,17 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
                                 pin_memory=on_cuda)
         epoch_start, sums = time.perf_counter(), {}
         bar = tqdm(itertools.islice(loader, steps_per_epoch), total=steps_per_epoch,
-                   desc=f"{run_name(method, iou_balance)} epoch {epoch + 1}/{profile.epochs}",
+                   desc=f"{run_name(method, iou_balance)} epoch {epoch + 1}" + (
+                       f"/{profile.epochs}" if max_seconds is None else f" ({train_seconds:.0f}/{max_seconds:.0f} s)"),
                    disable=not progress, leave=False)
+        loop_mark = time.perf_counter()
         for batch in bar:
-            lr = learning_rate(global_step, total_steps, base_lr)
+            if max_seconds is not None:
+                if train_seconds >= max_seconds:
+                    break
+                lr = learning_rate_at(train_seconds / max_seconds, base_lr)
+            else:
+                lr = learning_rate(global_step, total_steps, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.perf_counter()
@@ -352,15 +396,27 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
             values = distributed.all_reduce_mean(values)  # means over the global batch (unchanged in one process)
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value
+            now = time.perf_counter()
+            train_seconds += now - loop_mark  # the step and the loading of its batch
+            loop_mark = now
             log_rows.append({"kind": "step", "epoch": epoch, "step": global_step, "lr": lr,
-                             "seconds": time.perf_counter() - step_start, **values})
+                             "seconds": now - step_start, **values})
             bar.set_postfix(loss=f"{values['loss']:.3f}")
         n_steps = max(1, min(len(loader), steps_per_epoch))
+        out_of_time = max_seconds is not None and train_seconds >= max_seconds
+        if out_of_time:
+            n_steps = max(1, sum(1 for r in log_rows if r["kind"] == "step" and r["epoch"] == epoch))
         row = {"kind": "epoch", "epoch": epoch, "step": global_step, "lr": lr,
                "seconds": time.perf_counter() - epoch_start,
                **{k: v / n_steps for k, v in sums.items()}}
         if not context.is_main:
             distributed.barrier()  # wait for rank 0's validation and checkpoint
+            if out_of_time:
+                break
+            continue
+        last = out_of_time or epoch + 1 == last_epoch
+        if (epoch + 1) % validate_every and not last:
+            log_rows.append(row)
             continue
         row.update(validate(model, val_cases, profile, handedness))
         log_rows.append(row)
@@ -384,6 +440,8 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
         }, ckpt_path)
         write_log(log_rows, log_path)
         distributed.barrier()
+        if out_of_time:
+            break
     return ckpt_path
 
 

@@ -33,3 +33,18 @@ def test_a_profile_stored_without_per_method_epochs_still_loads():
     del stored["width"]
     with pytest.raises(ValueError, match="missing fields \\['width'\\]"):
         Profile.from_dict(stored)
+
+
+def test_settings_by_method_are_resolved_for_their_method_only():
+    profile = dataclasses.replace(get_profile("smoke"), settings_by_method={"rpn": {"optimizer": "sgd", "lr": 0.01}})
+    rpn, ssd = profile.for_method("rpn"), profile.for_method("ssd")
+    assert (rpn.optimizer, rpn.lr, rpn.settings_by_method) == ("sgd", 0.01, {})
+    assert (ssd.optimizer, ssd.lr) == ("adamw", get_profile("smoke").lr)
+    assert profile.settings_text() == "rpn: optimizer=sgd, lr=0.01"
+    with pytest.raises(ValueError, match="unknown methods"):
+        dataclasses.replace(get_profile("smoke"), settings_by_method={"yolo": {}})
+    with pytest.raises(ValueError, match="epochs go in epochs_by_method"):
+        dataclasses.replace(get_profile("smoke"), settings_by_method={"rpn": {"epochs": 3}})
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        profile = dataclasses.replace(get_profile("smoke"), settings_by_method={"rpn": {"optimizer": "adam"}})
+        profile.for_method("rpn")

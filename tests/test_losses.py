@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
+from igrpn.losses import iou_balanced_cross_entropy, iou_balanced_focal_loss, merge_mirror_classes, smooth_l1
 
 LOG2, LOG3 = math.log(2.0), math.log(3.0)
 
@@ -109,3 +109,60 @@ def test_mirror_pair_merge_sums_probabilities_and_relabels():
     assert iou_balanced_cross_entropy(split, torch.tensor([1]), torch.ones(1)) == pytest.approx(LOG2, abs=1e-6)
     with pytest.raises(ValueError, match="pair"):
         merge_mirror_classes(logits, labels, [(3, 1)])
+
+
+def reference_focal(logits, labels, ious, gamma, eta=1.75, enabled=True, mirror_pairs=()):
+    """The dense IoU-balanced focal loss written with autograd's own ops (slow, plain)."""
+    merged, targets = merge_mirror_classes(logits, labels.clamp(min=0), mirror_pairs)
+    log_p = F.log_softmax(merged, dim=1).gather(1, targets[:, None])[:, 0]
+    focal = -(1 - log_p.exp()) ** gamma * log_p
+    positive = labels > 0
+    with torch.no_grad():
+        weights = (labels >= 0).to(focal.dtype)
+        if enabled:
+            iou_eta = ious[positive].to(focal.dtype) ** eta
+            weights[positive] = iou_eta * focal[positive].sum() / (iou_eta * focal[positive]).sum()
+    return (weights * focal).sum() / positive.sum()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+@pytest.mark.parametrize("pairs", [(), ((1, 3),)])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_dense_focal_loss_and_its_hand_written_gradient_match_autograd(gamma, pairs, enabled):
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(300, 6, generator=generator)).double().requires_grad_()
+    labels = torch.randint(-1, 6, (300,), generator=generator)
+    ious = torch.rand(300, generator=generator)
+    loss = iou_balanced_focal_loss(logits, labels, ious, gamma=gamma, enabled=enabled, mirror_pairs=pairs)
+    (grad,) = torch.autograd.grad(loss, logits)
+    expected = reference_focal(logits, labels, ious, gamma, enabled=enabled, mirror_pairs=pairs)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # fp32 inside
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
+
+
+def test_dense_focal_loss_by_hand_ignores_anchors_and_divides_by_the_positives():
+    logits = torch.tensor([
+        [0.0, 0.0, 0.0],    # label 1: p = 1/3
+        [LOG2, 0.0, 0.0],   # label 0: p = 1/2
+        [0.0, 9.0, 0.0],    # ignored: contributes nothing, gets no gradient
+    ], requires_grad=True)
+    labels, ious = torch.tensor([1, 0, -1]), torch.tensor([0.5, 0.0, 0.0])
+    loss = iou_balanced_focal_loss(logits, labels, ious, gamma=2.0)
+    # One positive: its IoU weight normalises to 1. (2/3)² log 3 + (1/2)² log 2, over 1 positive.
+    assert loss.item() == pytest.approx((2 / 3) ** 2 * LOG3 + 0.25 * LOG2, rel=1e-6)
+    loss.backward()
+    assert torch.equal(logits.grad[2], torch.zeros(3))
+    # Plain cross-entropy (γ = 0) over both anchors, still divided by the one positive.
+    plain = iou_balanced_focal_loss(logits.detach(), labels, ious, gamma=0.0)
+    assert plain.item() == pytest.approx(LOG3 + LOG2, rel=1e-6)
+
+
+def test_dense_focal_loss_refuses_bad_input():
+    logits = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="labels must be -1"):
+        iou_balanced_focal_loss(logits, torch.tensor([0, 1, 3, 0]), torch.zeros(4))
+    with pytest.raises(ValueError, match="gamma"):
+        iou_balanced_focal_loss(logits, torch.zeros(4, dtype=torch.int64), torch.zeros(4), gamma=-1.0)
+    with pytest.raises(ValueError, match="expected logits"):
+        iou_balanced_focal_loss(logits, torch.zeros(3, dtype=torch.int64), torch.zeros(4))

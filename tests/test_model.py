@@ -170,3 +170,43 @@ def test_half_resolution_profiles_keep_the_papers_feature_cell():
     assert result["cls_logits"].shape == (1, expected.shape[0], 6)
     with pytest.raises(ValueError, match="stride must be 2 or 4"):
         Backbone(width=4, stride=8)
+
+
+@pytest.mark.parametrize("mode", ["all", "hard_pool"])
+def test_the_other_classification_anchor_rules_train(mode):
+    torch.manual_seed(0)
+    profile = dataclasses.replace(PROFILE, samples_per_volume=32, classification_anchors=mode)
+    model = RPNModel(profile)
+    volume, landmarks = synthetic_volume(LANDMARKS_VOX), LANDMARKS_VOX[None]
+    losses = []
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(12):
+        optimiser.zero_grad()
+        loss = model.loss(model(volume), landmarks)
+        loss["loss"].backward()
+        optimiser.step()
+        losses.append(loss["loss"].item())
+    assert losses[-1] < 0.7 * losses[0]
+    anchors = model(volume)["anchors"]
+    labels, _ = B.match_anchors(B.centre_to_corner(anchors), B.centre_to_corner(model.gt_boxes(landmarks)[0]),
+                                torch.arange(1, 6), profile.pos_iou, profile.neg_iou)
+    if mode == "all":
+        assert loss["num_pos"].item() == (labels > 0).sum().item()  # every positive regressed
+    else:
+        assert loss["num_pos"].item() <= 16
+
+
+def test_hard_pool_draws_negatives_only_from_the_hardest():
+    profile = dataclasses.replace(PROFILE, samples_per_volume=8, positive_fraction=0.5,
+                                  classification_anchors="hard_pool", hard_negative_pool=2)
+    model = RPNModel(profile)
+    num_anchors, per_cell = 64 * 20, model.num_anchors_per_cell
+    labels = torch.zeros(num_anchors, dtype=torch.int64)
+    labels[:10] = 3
+    logits = torch.zeros(num_anchors, 6)
+    hard = torch.arange(100, 108)  # the 8 hardest negatives (pool = 2 × 4 negatives)
+    logits[hard, 2] = 5.0
+    chosen = model._hard_pool_sample(logits, labels, torch.Generator().manual_seed(0))
+    assert chosen.numel() == 8 and bool((labels[chosen[:4]] == 3).all())
+    assert set(chosen[4:].tolist()) <= set(hard.tolist()) and len(set(chosen.tolist())) == 8
+    assert per_cell == 64

@@ -111,3 +111,34 @@ def test_a_method_trains_its_own_epochs_and_stores_them(smoke_manifest, tmp_path
     assert len(log[log["kind"] == "epoch"]) == 1
     stored = torch.load(path, map_location="cpu", weights_only=True)["config"]["profile"]
     assert stored["epochs"] == 1 and stored["epochs_by_method"] == {}
+
+
+def test_learning_rate_of_a_wall_clock_budget_warms_up_then_decays():
+    assert train.learning_rate_at(0.0, 1.0) < train.learning_rate_at(0.04, 1.0) < 1.0
+    assert train.learning_rate_at(0.05, 1.0) == pytest.approx(1.0)
+    assert train.learning_rate_at(1.0, 1.0) == pytest.approx(0.05)
+    assert train.learning_rate_at(2.0, 1.0) == pytest.approx(0.05)  # past the budget: the floor
+
+
+def test_the_profile_names_the_optimiser():
+    model = torch.nn.Linear(2, 2)
+    sgd = train.make_optimizer(model.parameters(), dataclasses.replace(get_profile("smoke"), optimizer="sgd", lr=0.01))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    assert isinstance(train.make_optimizer(model.parameters(), get_profile("smoke")), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        dataclasses.replace(get_profile("smoke"), optimizer="adam")
+
+
+def test_a_time_budgeted_run_stops_when_its_budget_is_spent(smoke_manifest, tmp_path):
+    profile = dataclasses.replace(get_profile("smoke"), classification_anchors="all")
+    path = train.train(profile, method="rpn", seed=0, out_dir=tmp_path / "run", manifest=smoke_manifest,
+                       progress=False, max_seconds=2.0, validate_every=3)
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    steps = log[log["kind"] == "step"]
+    # The budget counts whole steps: it stops at the first step that ends past 2 s.
+    assert 1 <= len(steps) and steps["seconds"].iloc[:-1].sum() < 2.0
+    assert np.isfinite(steps["loss"]).all()
+    epochs = log[log["kind"] == "epoch"]
+    assert epochs["val_d_mean_mm"].iloc[-1] == epochs["val_d_mean_mm"].iloc[-1]  # the last epoch validated
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["config"]["max_seconds"] == 2.0 and ckpt["global_step"] == len(steps)

@@ -1,0 +1,246 @@
+"""Experiments at a fixed wall-clock budget, scored on validation data, logged one row per run.
+
+    python -m igrpn.experiment --name focal_all --set classification_anchors=all --seeds 0 1 --minutes 4
+
+trains the named configuration (the ``cpu`` profile with the ``--set`` fields changed) once per
+seed for the same wall-clock budget, scores each run on the *validation* part of the training
+split (held out by the seed, never the test split) and appends one row per run to
+``docs/experiments.csv``. Decisions are taken on these rows, with at least two seeds per setting
+(DESIGN §8); the test split is scored by ``make reproduce`` alone.
+
+``--method monai_retinanet`` trains the peer (MONAI's 3D RetinaNet, :mod:`igrpn.peer`) the same
+way, on the same volumes and hold-out, for the same minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import dataclasses
+import datetime as dt
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from igrpn import config
+from igrpn.config import LANDMARKS, Profile, get_profile
+
+#: Columns of ``docs/experiments.csv``; distances in mm, hit50 and eye counts as given.
+LOG_COLUMNS = (
+    "date", "name", "change", "method", "iou_balance", "seed", "budget_s", "train_s", "steps", "epochs",
+    "val_cases", "val_d_mean", *(f"val_{name}" for name in LANDMARKS), "val_d_median", "val_hit50",
+    "val_eyes_found", "note",
+)
+PEER_METHOD = "monai_retinanet"
+DEFAULT_LOG = Path("docs/experiments.csv")
+
+
+def parse_overrides(items: list[str], base: Profile) -> dict:
+    """``["lr=0.01", "optimizer=sgd"]`` -> ``{"lr": 0.01, "optimizer": "sgd"}``, checked against
+    the :class:`Profile` fields (a typo is an error, not a silently ignored setting)."""
+    fields = {f.name for f in dataclasses.fields(Profile)}
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        if key not in fields:
+            raise ValueError(f"--set {item!r}: Profile has no field {key!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string field such as optimizer=sgd
+        current = getattr(base, key)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if current is not None and not isinstance(value, type(current)) and not (
+                isinstance(current, float) and isinstance(value, float)):
+            raise ValueError(f"--set {item!r}: {key} is a {type(current).__name__}, got {value!r}")
+        overrides[key] = value
+    return overrides
+
+
+def change_text(overrides: dict) -> str:
+    """The configuration difference as one cell: ``optimizer=sgd; lr=0.01`` (``baseline`` if none)."""
+    return "; ".join(f"{k}={v}" for k, v in overrides.items()) or "baseline"
+
+
+def score_answers(chosen: pd.DataFrame, gt: pd.DataFrame) -> dict:
+    """The validation columns of a log row from selected answers and their ground truth."""
+    from igrpn.metrics import evaluate, eye_pair, per_landmark
+
+    result = evaluate(chosen, gt)
+    landmarks = per_landmark(chosen, gt).set_index("landmark")["d_mean"]
+    eyes = eye_pair(chosen, gt)
+    row = {"val_cases": result["n_cases"], "val_d_mean": result["d_mean"], "val_d_median": result["d_median"],
+           "val_hit50": result["hit50"], "val_eyes_found": f"{eyes['found']}/{eyes['n_cases']}"}
+    row.update({f"val_{name}": float(landmarks.get(name, np.nan)) for name in LANDMARKS})
+    return row
+
+
+def validation_answers(checkpoint: Path, cases) -> pd.DataFrame:
+    """Selected answers (no prior) of a trained igrpn model on ``cases``."""
+    from igrpn.detect import Detector
+    from igrpn.report import answers
+
+    detector = Detector.from_checkpoint(checkpoint)
+    rows = [answers(detector.predict_grid(case.volume, case.affine)).assign(case_id=case.case_id)
+            for case in cases]
+    return pd.concat(rows, ignore_index=True)
+
+
+def append_row(row: dict, path: Path) -> None:
+    """Append one row to the log (header written when the file is new); never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = path.read_text() if path.exists() else ""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(existing)
+            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            if not existing:
+                writer.writeheader()
+            writer.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_one(name: str, overrides: dict, method: str, iou_balance: bool, seed: int, budget_s: float,
+            manifest: Path, out_root: Path, log_path: Path, base: str = "cpu", note: str = "",
+            validate_every: int = 2, progress: bool = True) -> dict:
+    """Train one configuration for ``budget_s`` seconds, score it on validation, log the row."""
+    from igrpn import train as training
+    from igrpn.data import load_cases, read_manifest
+    from igrpn.report import ground_truth
+
+    profile = dataclasses.replace(get_profile(base), **overrides)
+    if method != PEER_METHOD:
+        profile = profile.for_method(method)
+    out_dir = out_root / name / f"seed{seed}"
+    table = read_manifest(manifest)
+    train_table = table[table["split"] == "train"]
+    train_ids, val_ids = training.split_train_val(list(train_table["case_id"]), profile.val_fraction, seed)
+    if method == PEER_METHOD:
+        from igrpn import peer
+
+        result = peer.train_peer(profile, seed, out_dir, manifest, budget_s, progress=progress)
+        cases = load_cases(train_table[train_table["case_id"].isin(val_ids)], profile.spacing_mm, progress=False)
+        chosen = peer.validation_answers(result, cases)
+        steps, train_s = result["steps"], result["train_seconds"]
+    else:
+        checkpoint = training.train(profile, method=method, iou_balance=iou_balance, seed=seed, out_dir=out_dir,
+                                    manifest=manifest, resume=False, progress=progress, max_seconds=budget_s,
+                                    validate_every=validate_every)
+        log = pd.DataFrame(training.read_log(out_dir / training.LOG_NAME))
+        step_rows = log[log["kind"] == "step"]
+        steps, train_s = len(step_rows), float(step_rows["seconds"].astype(float).sum())
+        cases = load_cases(train_table[train_table["case_id"].isin(val_ids)], profile.spacing_mm, progress=False)
+        chosen = validation_answers(checkpoint, cases)
+    n_train = len(train_ids)
+    row = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "name": name, "change": change_text(overrides),
+           "method": method, "iou_balance": iou_balance, "seed": seed, "budget_s": float(budget_s),
+           "train_s": train_s, "steps": int(steps),
+           "epochs": float(steps * profile.batch_size / max(1, n_train)), "note": note}
+    row.update(score_answers(chosen, ground_truth(cases)))
+    append_row(row, log_path)
+    return row
+
+
+def validation_curves(out_root: Path, names: list[str]) -> pd.DataFrame:
+    """The per-epoch validation rows of the runs ``out_root/NAME/seedS/log.csv``.
+
+    Returns:
+        rows ``name, seed, train_s`` (seconds of optimiser steps up to that epoch) ``,
+        val_d_mean_mm, val_hit50``.
+    """
+    from igrpn.train import LOG_NAME, read_log
+
+    frames = []
+    for name in names:
+        for run_dir in sorted((Path(out_root) / name).glob("seed*")):
+            log = pd.DataFrame(read_log(run_dir / LOG_NAME))
+            if log.empty:
+                continue
+            steps = log[log["kind"] == "step"]["seconds"].astype(float)
+            elapsed = steps.cumsum().to_numpy()
+            epochs = log[(log["kind"] == "epoch") & (log["val_d_mean_mm"] != "")]
+            for _, row in epochs.iterrows():
+                done = int(row["step"]) - int(log["step"].astype(int).min()) + 1
+                frames.append({"name": name, "seed": int(run_dir.name[4:]),
+                               "train_s": float(elapsed[min(done, len(elapsed)) - 1]),
+                               "val_d_mean_mm": float(row["val_d_mean_mm"]), "val_hit50": float(row["val_hit50"])})
+    return pd.DataFrame(frames, columns=["name", "seed", "train_s", "val_d_mean_mm", "val_hit50"])
+
+
+def plot_validation_curves(curves: pd.DataFrame, reference_mm: float | None = None):
+    """Validation d-mean against training minutes, one line per run (a matplotlib Figure)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = figure.add_subplot()
+    colours = {}
+    for (name, seed), run in curves.groupby(["name", "seed"], sort=True):
+        colour = colours.setdefault(name, f"C{len(colours)}")
+        ax.plot(run["train_s"] / 60, run["val_d_mean_mm"], color=colour, marker="o", markersize=3,
+                linestyle="-" if seed % 2 == 0 else "--", label=f"{name} (seed {seed})")
+    if reference_mm is not None:
+        ax.axhline(reference_mm, color="grey", linestyle=":", label="image-blind reference")
+    ax.set_xlabel("training time (min, optimiser steps)")
+    ax.set_ylabel("validation d-mean (mm)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return figure
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m igrpn.experiment", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="the configuration's name in the log")
+    parser.add_argument("--method", default="rpn", choices=(*config.METHODS, PEER_METHOD))
+    parser.add_argument("--no-iou-balance", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a Profile field changed from the base profile (repeatable)")
+    parser.add_argument("--base", default="cpu", choices=sorted(config.PROFILES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget of each training")
+    parser.add_argument("--manifest", default="data_manifest.csv")
+    parser.add_argument("--out", default="build/experiments", help="checkpoints and logs (not committed)")
+    parser.add_argument("--log", default=str(DEFAULT_LOG), help="the experiments table (default: %(default)s)")
+    parser.add_argument("--validate-every", type=int, default=2, help="epochs between validations")
+    parser.add_argument("--note", default="")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.minutes > 0:
+        parser.error(f"--minutes must be > 0, got {args.minutes}")
+    try:
+        overrides = parse_overrides(args.set, get_profile(args.base))
+        dataclasses.replace(get_profile(args.base), **overrides)  # the profile's own checks, before training
+    except ValueError as error:
+        parser.error(str(error))
+    from igrpn.phantom import ensure_dataset
+
+    manifest = Path(args.manifest).resolve()
+    ensure_dataset(manifest, get_profile(args.base))
+    for seed in args.seeds:
+        row = run_one(args.name, overrides, args.method, not args.no_iou_balance, seed, args.minutes * 60, manifest,
+                      Path(args.out), Path(args.log), base=args.base, note=args.note,
+                      validate_every=args.validate_every)
+        print(f"{args.name} seed {seed}: val d-mean {row['val_d_mean']:.2f} mm, hit50 {row['val_hit50']:.2f}, "
+              f"eyes found {row['val_eyes_found']}, {row['steps']} steps in {row['train_s']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""The experiment runner: its configuration language, its log and one budgeted run end to end."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+
+from igrpn import experiment
+from igrpn.config import get_profile
+
+
+def test_overrides_are_checked_against_the_profile_fields():
+    base = get_profile("cpu")
+    overrides = experiment.parse_overrides(["optimizer=sgd", "lr=1e-2", "focal_gamma=2", "top_k=3"], base)
+    assert overrides == {"optimizer": "sgd", "lr": 0.01, "focal_gamma": 2.0, "top_k": 3}
+    assert isinstance(overrides["focal_gamma"], float)
+    assert experiment.change_text(overrides) == "optimizer=sgd; lr=0.01; focal_gamma=2.0; top_k=3"
+    assert experiment.change_text({}) == "baseline"
+    with pytest.raises(ValueError, match="no field 'learning_rate'"):
+        experiment.parse_overrides(["learning_rate=0.1"], base)
+    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+        experiment.parse_overrides(["lr"], base)
+    with pytest.raises(ValueError, match="top_k is a int"):
+        experiment.parse_overrides(["top_k=two"], base)
+
+
+def test_a_bad_setting_is_a_usage_error_before_any_training(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(["--name", "x", "--minutes", "1", "--set", "optimizer=adam"])
+    assert exit_info.value.code == 2
+    assert "optimizer must be one of" in capsys.readouterr().err
+
+
+def test_one_budgeted_run_appends_one_row_scored_on_validation(smoke_manifest, tmp_path):
+    log = tmp_path / "experiments.csv"
+    for seed in (0, 1):
+        row = experiment.run_one("smoke_run", {"lr": 3e-3}, "rpn", True, seed, 1.5, smoke_manifest,
+                                 tmp_path / "runs", log, base="smoke", progress=False)
+        assert row["val_cases"] == 2  # a quarter of the smoke profile's 8 training volumes
+    table = pd.read_csv(log)
+    assert list(table.columns) == list(experiment.LOG_COLUMNS)
+    assert list(table["seed"]) == [0, 1] and set(table["change"]) == {"lr=0.003"}
+    assert (table["steps"] >= 1).all() and table["val_d_mean"].notna().all()
+    # the validation cases are the run's own hold-out, never the test split
+    from igrpn import train
+    from igrpn.data import read_manifest
+
+    manifest = read_manifest(smoke_manifest)
+    train_ids = list(manifest.loc[manifest["split"] == "train", "case_id"])
+    profile = dataclasses.replace(get_profile("smoke"), lr=3e-3)
+    assert len(train.split_train_val(train_ids, profile.val_fraction, 0)[1]) == 2
