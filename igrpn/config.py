@@ -200,6 +200,10 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu", spacing_mm=2.6, width=16, epochs=16, batch_size=2, lr=2e-3,
         epochs_by_method={"rpn": 22, "ssd": 24, "heatmap": 30},
+        # The RPN trains with SGD (Nesterov) as nnDetection and MONAI's detection tutorials do: it won
+        # over AdamW on validation with both seeds at equal wall-clock (docs/experiments.csv). The
+        # baselines keep AdamW (not screened with SGD).
+        settings_by_method={"rpn": {"optimizer": "sgd", "lr": 0.01, "weight_decay": 3e-5}},
     ),
     # The paper's sizes exactly (GPU).
     "paper": Profile(

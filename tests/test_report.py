@@ -104,3 +104,32 @@ def test_training_seconds_come_from_the_runs_log(tmp_path):
     assert report.training_seconds(tmp_path, "02_train rpn_ib") == pytest.approx(41.5)
     assert np.isnan(report.training_seconds(tmp_path, "03_evaluate"))
     assert np.isnan(report.training_seconds(tmp_path, "02_train ssd_ib"))
+
+
+def test_seed_spread_gives_each_seed_and_their_difference():
+    from igrpn.report import seed_spread_markdown
+
+    results = pd.DataFrame([
+        {"run": "rpn_ib", "prior": False, "d_mean": 10.0, "hit50": 0.5},
+        {"run": "rpn_ib_seed1", "prior": False, "d_mean": 12.5, "hit50": 0.4},
+        {"run": "rpn_ib", "prior": True, "d_mean": 9.0, "hit50": 0.6},
+    ])
+    text = seed_spread_markdown(results)
+    assert "| rpn_ib | 10.00, 50.0 | 12.50, 40.0 | 2.50 |" in text
+    assert "+ prior" not in text  # the second seed has no row with the prior
+    assert "not trained" in seed_spread_markdown(results[results["run"] == "rpn_ib"])
+
+
+def test_peer_section_lists_the_runs_at_the_peers_budget():
+    from igrpn.report import peer_markdown
+
+    rows = pd.DataFrame([
+        {"budget_s": 480.0, "name": "peer", "method": "monai_retinanet", "val_d_mean": 12.0, "val_hit50": 0.3},
+        {"budget_s": 480.0, "name": "peer", "method": "monai_retinanet", "val_d_mean": 14.0, "val_hit50": 0.1},
+        {"budget_s": 480.0, "name": "sgd", "method": "rpn", "val_d_mean": 11.0, "val_hit50": 0.4},
+        {"budget_s": 240.0, "name": "sgd", "method": "rpn", "val_d_mean": 20.0, "val_hit50": 0.1},
+    ])
+    text = peer_markdown(rows)
+    assert "| 8 | peer | monai_retinanet | 2 | 13.00 [12.00–14.00] | 20.0 |" in text
+    assert "| 8 | sgd | rpn | 1 | 11.00 [11.00–11.00] | 40.0 |" in text and "| 4 |" not in text
+    assert peer_markdown(rows[rows["method"] == "rpn"]) == ""
