@@ -1,6 +1,8 @@
 """Experiments at a fixed wall-clock budget, scored on validation data, logged one row per run.
 
     python -m igrpn.experiment --name focal_all --set classification_anchors=all --seeds 0 1 --minutes 4
+    python -m igrpn.experiment plot --names baseline focal_all --out docs/figures/curves.png
+    python -m igrpn.experiment score --name reproduce_rpn_ib report/runs/rpn_ib/checkpoint.pt
 
 trains the named configuration (the ``cpu`` profile with the ``--set`` fields changed) once per
 seed for the same wall-clock budget, scores each run on the *validation* part of the training
@@ -219,7 +221,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def profile_difference(profile: Profile, base: Profile) -> dict:
+    """The fields in which ``profile`` differs from ``base`` (both resolved for one method)."""
+    mine, theirs = profile.to_dict(), base.to_dict()
+    return {k: v for k, v in mine.items() if k != "name" and theirs.get(k) != v}
+
+
+def score_checkpoint(name: str, checkpoint: Path, manifest: Path, log_path: Path, base: str = "cpu",
+                     note: str = "") -> dict:
+    """Score a finished igrpn training (e.g. one of ``make reproduce``) on its own validation
+    hold-out exactly as :func:`run_one` scores a budgeted run, and log the row; the budget is the
+    time its optimiser steps took (its ``log.csv``)."""
+    from igrpn import train as training
+    from igrpn.data import load_cases, read_manifest
+    from igrpn.report import ground_truth
+
+    ckpt = training.load_checkpoint(checkpoint)
+    config_ = ckpt["config"]
+    profile = Profile.from_dict(config_["profile"])
+    method, seed = ckpt["method"], int(config_["seed"])
+    log = pd.DataFrame(training.read_log(Path(checkpoint).parent / training.LOG_NAME))
+    steps = log[log["kind"] == "step"] if len(log) else log
+    train_s = float(steps["seconds"].astype(float).sum()) if len(steps) else float("nan")
+    table = read_manifest(manifest)
+    train_table = table[table["split"] == "train"]
+    train_ids, val_ids = training.split_train_val(list(train_table["case_id"]), profile.val_fraction, seed)
+    cases = load_cases(train_table[train_table["case_id"].isin(val_ids)], profile.spacing_mm, progress=False)
+    row = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "name": name,
+           "change": change_text(profile_difference(profile, get_profile(base).for_method(method))),
+           "method": method, "iou_balance": bool(ckpt["iou_balance"]), "seed": seed, "budget_s": train_s,
+           "train_s": train_s, "steps": len(steps),
+           "epochs": float(len(steps) * profile.batch_size / max(1, len(train_ids))), "note": note}
+    row.update(score_answers(validation_answers(Path(checkpoint), cases), ground_truth(cases)))
+    append_row(row, log_path)
+    return row
+
+
+def score_main(argv: list[str]) -> int:
+    """``python -m igrpn.experiment score --name NAME CHECKPOINT...``."""
+    parser = argparse.ArgumentParser(prog="python -m igrpn.experiment score",
+                                     description="Score finished trainings on their validation hold-out and log them.")
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--manifest", default="data_manifest.csv")
+    parser.add_argument("--log", default=str(DEFAULT_LOG))
+    parser.add_argument("--note", default="")
+    args = parser.parse_args(argv)
+    for checkpoint in args.checkpoints:
+        row = score_checkpoint(args.name, Path(checkpoint), Path(args.manifest).resolve(), Path(args.log),
+                               note=args.note)
+        print(f"{checkpoint}: val d-mean {row['val_d_mean']:.2f} mm, hit50 {row['val_hit50']:.2f}, "
+              f"{row['steps']} steps in {row['train_s']:.0f} s")
+    return 0
+
+
+def plot_main(argv: list[str]) -> int:
+    """``python -m igrpn.experiment plot --names sgd baseline --out docs/figures/x.png``."""
+    parser = argparse.ArgumentParser(prog="python -m igrpn.experiment plot",
+                                     description="Validation d-mean against training minutes of logged runs.")
+    parser.add_argument("--names", nargs="+", required=True, help="configurations under --runs")
+    parser.add_argument("--runs", default="build/experiments", help="the runner's --out (default: %(default)s)")
+    parser.add_argument("--reference-mm", type=float, default=None, help="draw the image-blind reference")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    args = parser.parse_args(argv)
+    curves = validation_curves(Path(args.runs), args.names)
+    if curves.empty:
+        parser.error(f"no validation rows under {args.runs} for {args.names}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_validation_curves(curves, args.reference_mm).savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        return plot_main(argv[1:])
+    if argv[:1] == ["score"]:
+        return score_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.minutes > 0:

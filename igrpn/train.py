@@ -254,10 +254,11 @@ def train(
             :mod:`igrpn.distributed`; the checkpoint is the same as a single process's.
         max_steps_per_epoch: cut every epoch to at most this many optimiser steps (benchmarks and
             quick checks; part of the run's configuration, the schedule follows the cut epochs).
-        max_seconds: a wall-clock budget for the optimiser steps (validation and checkpoints not
-            counted) instead of an epoch count: the run trains until it is spent, the learning rate
+        max_seconds: a wall-clock budget for the training loop (each optimiser step and the
+            loading of its batch; validation and checkpoints not counted) instead of an epoch count: the run trains until it is spent, the learning rate
             follows the fraction of it spent (:func:`learning_rate_at`) and the epoch in progress
-            ends early. Such a run always starts afresh (a resumed clock would change the schedule).
+            ends early. Such a run always starts afresh (a resumed clock would change the schedule)
+            and runs in one process (ranks with their own clocks could stop at different steps).
         validate_every: validate (and checkpoint) after every this many epochs, and after the last.
     """
     profile = get_profile(profile) if isinstance(profile, str) else profile
@@ -271,6 +272,11 @@ def train(
     if validate_every < 1:
         raise ValueError(f"validate_every must be >= 1, got {validate_every}")
     context = distributed.init_distributed(device)
+    if max_seconds is not None and context.distributed:
+        if context.created_group:
+            distributed.cleanup()
+        raise ValueError("max_seconds: a time-budgeted run trains in one process (each rank's clock would "
+                         "stop it at another step); give torchrun runs an epoch count")
     try:
         return _train(profile, method, iou_balance, seed, Path(out_dir), Path(manifest).resolve(),
                       resume and max_seconds is None, progress and context.is_main, max_epochs,
@@ -350,7 +356,7 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
     last_epoch = profile.epochs if max_epochs is None else min(profile.epochs, max_epochs)
     if max_seconds is not None:
         last_epoch = max_epochs or 1_000_000  # the clock ends the run
-    train_seconds = 0.0  # optimiser steps only (the budget's clock)
+    train_seconds = 0.0  # the budget's clock: steps and the loading of their batches
     net = distributed.wrap_model(model, context)  # DDP in a group, else the model itself
     on_cuda = context.device.type == "cuda"
     if on_cuda:

@@ -37,6 +37,10 @@ def test_one_budgeted_run_appends_one_row_scored_on_validation(smoke_manifest, t
         row = experiment.run_one("smoke_run", {"lr": 3e-3}, "rpn", True, seed, 1.5, smoke_manifest,
                                  tmp_path / "runs", log, base="smoke", progress=False)
         assert row["val_cases"] == 2  # a quarter of the smoke profile's 8 training volumes
+    # A finished training scored afterwards gets the same validation score as the runner gave it.
+    again = experiment.score_checkpoint("again", tmp_path / "runs" / "smoke_run" / "seed1" / "checkpoint.pt",
+                                        smoke_manifest, tmp_path / "scored.csv", base="smoke")
+    assert again["val_d_mean"] == pytest.approx(row["val_d_mean"]) and again["change"] == "lr=0.003"
     table = pd.read_csv(log)
     assert list(table.columns) == list(experiment.LOG_COLUMNS)
     assert list(table["seed"]) == [0, 1] and set(table["change"]) == {"lr=0.003"}

@@ -23,12 +23,13 @@ def test_smoke_reproduction_end_to_end(smoke_manifest, tmp_path):
         assert (out / "tables" / f"{name}.csv").exists() and (out / "tables" / f"{name}.md").exists()
     assert "## The eyes: found, and named" in text
     eyes = pd.read_csv(out / "tables" / "eyes.csv")
-    # six runs with and without the prior, and the image-blind reference
-    assert len(eyes) == 13 and (eyes["n_cases"] == 4).all()
+    # seven runs (six configurations and the RPN's second seed) with and without the prior, and the
+    # image-blind reference
+    assert len(eyes) == 15 and (eyes["n_cases"] == 4).all()
     table1, table2 = pd.read_csv(out / "tables" / "table1.csv"), pd.read_csv(out / "tables" / "table2.csv")
     assert list(table1["method"]) == ["Faster R-CNN", "IG-SSD", "Heatmap", "IG-RPN", "Mean training position (no image)"]
     assert "## Better than ignoring the image?" in text
-    assert len(pd.read_csv(out / "tables" / "reference.csv")) == 12
+    assert len(pd.read_csv(out / "tables" / "reference.csv")) == 14
     assert len(table2) == 8 and (table1["status"] == "ok").all() and (table2["status"] == "ok").all()
     for column in ("method", "iou_balance", "prior", "ap", "ap35", "ap50", "ap75", "miou", "d_mean",
                    "time_ms", "hit35", "hit50", "hit75", "d_mean_lo", "d_mean_hi", "paper_d_mean"):
@@ -37,7 +38,13 @@ def test_smoke_reproduction_end_to_end(smoke_manifest, tmp_path):
     assert table1.loc[table1["method"] == "IG-RPN", "paper_d_mean"].item() == pytest.approx(4.38)
     executed = sorted(p.name for p in (out / "notebooks").glob("*.ipynb"))
     assert "00_data.ipynb" in executed and "03_evaluate.ipynb" in executed
-    assert len([n for n in executed if n.startswith("02_train_")]) == 6
+    assert len([n for n in executed if n.startswith("02_train_")]) == 7
+    assert "## Two seeds of the RPN" in text and "| rpn_ib | " in text
+    import torch
+
+    seeds = {run: torch.load(out / "runs" / run / "checkpoint.pt", weights_only=True)["config"]["seed"]
+             for run in ("rpn_ib", "rpn_ib_seed1")}
+    assert seeds == {"rpn_ib": 0, "rpn_ib_seed1": 1}
     assert all((out / "notebooks" / n).with_suffix(".html").exists() for n in executed)
     assert (out / "runs" / "graph_prior.json").exists()
     steps = json.loads((out / "steps.json").read_text())
