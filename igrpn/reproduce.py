@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="retrain even when a finished checkpoint exists")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", nargs="+", default=None, choices=list(RUN_CONFIGS),
-                        help="only these trainings (default: all six)")
+                        help="only these trainings (default: all seven)")
     return parser
 
 

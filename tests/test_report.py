@@ -133,3 +133,22 @@ def test_peer_section_lists_the_runs_at_the_peers_budget():
     assert "| 8 | peer | monai_retinanet | 2 | 13.00 [12.00–14.00] | 20.0 |" in text
     assert "| 8 | sgd | rpn | 1 | 11.00 [11.00–11.00] | 40.0 |" in text and "| 4 |" not in text
     assert peer_markdown(rows[rows["method"] == "rpn"]) == ""
+
+
+def test_targets_read_the_tables_and_say_which_are_met(tmp_path):
+    from igrpn.report import targets_markdown
+
+    (tmp_path / "tables").mkdir()
+    pd.DataFrame([{"run": "rpn_ib", "prior": False, "found": 29}, {"run": "rpn_ib", "prior": True, "found": 3}]
+                 ).to_csv(tmp_path / "tables" / "eyes.csv", index=False)
+    pd.DataFrame([{"run": "rpn_ib", "prior": False, "verdict": "better"},
+                  {"run": "ssd_ib", "prior": False, "verdict": "not distinguishable"},
+                  {"run": "ssd_ib", "prior": True, "verdict": "worse"}]).to_csv(tmp_path / "tables" / "reference.csv",
+                                                                                 index=False)
+    table1 = pd.DataFrame([{"method": "IG-RPN", "prior": True, "status": "ok", "d_mean": 5.5}])
+    table2 = pd.DataFrame([{"method": "RPN", "prior": False, "iou_balance": True, "status": "ok", "d_mean": 9.0}])
+    text = targets_markdown(table1, table2, tmp_path)
+    assert "| RPN with IoU balance, top-1 (no prior): d-mean ≤ 8 mm | 9.00 | **no** |" in text
+    assert "in ≥ 28 of 32 volumes | 29 | yes |" in text
+    assert "| IG-RPN (IoU balance + prior): d-mean ≤ 6 mm | 5.50 | yes |" in text
+    assert "| 1 of 2 | **no** |" in text  # only the configurations without the prior count
