@@ -126,12 +126,13 @@ def test_peer_section_lists_the_runs_at_the_peers_budget():
     rows = pd.DataFrame([
         {"budget_s": 480.0, "name": "peer", "method": "monai_retinanet", "val_d_mean": 12.0, "val_hit50": 0.3},
         {"budget_s": 480.0, "name": "peer", "method": "monai_retinanet", "val_d_mean": 14.0, "val_hit50": 0.1},
-        {"budget_s": 480.0, "name": "sgd", "method": "rpn", "val_d_mean": 11.0, "val_hit50": 0.4},
-        {"budget_s": 240.0, "name": "sgd", "method": "rpn", "val_d_mean": 20.0, "val_hit50": 0.1},
+        {"budget_s": 450.0, "name": "sgd", "method": "rpn", "val_d_mean": 11.0, "val_hit50": 0.4},
+        {"budget_s": 510.0, "name": "sgd", "method": "rpn", "val_d_mean": 13.0, "val_hit50": 0.2},
+        {"budget_s": 240.0, "name": "sgd4", "method": "rpn", "val_d_mean": 20.0, "val_hit50": 0.1},
     ])
     text = peer_markdown(rows)
-    assert "| 8 | peer | monai_retinanet | 2 | 13.00 [12.00–14.00] | 20.0 |" in text
-    assert "| 8 | sgd | rpn | 1 | 11.00 [11.00–11.00] | 40.0 |" in text and "| 4 |" not in text
+    assert "| 8.0 | peer | monai_retinanet | 2 | 13.00 [12.00–14.00] | 20.0 |" in text
+    assert "| 7.5–8.5 | sgd | rpn | 2 | 12.00 [11.00–13.00] | 30.0 |" in text and "sgd4" not in text
     assert peer_markdown(rows[rows["method"] == "rpn"]) == ""
 
 
