@@ -759,8 +759,8 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
         f"({'the paper' if profile.spacing_mm == 1.3 else 'coarser than the paper'}'s 1.3 mm); sizes are "
         "set in mm so the anatomy and the boxes are the same.",
         f"- Training budget: {profile.epochs_text()} with backbone width {profile.width} so that all seven "
-        "trainings (six configurations and a second seed of the RPN) fit on a 2-core CPU (each within 10 "
-        "minutes); the paper trained on a GPU for longer."
+        "trainings (six configurations and a second seed of the RPN) fit on a 2-core CPU (about 8–11 "
+        "minutes each with its notebook); the paper trained on a GPU for longer."
         + (f" Per-method settings: {profile.settings_text()}." if profile.settings_by_method else ""),
         "- Time column: measured on this machine's CPU (below), per volume, model and post-processing; the "
         "paper's times are on its GPU.",
