@@ -21,6 +21,7 @@ import ast
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -119,38 +120,58 @@ def run_one(name: str, overrides: dict, method: str, iou_balance: bool, seed: in
             validate_every: int = 2, progress: bool = True) -> dict:
     """Train one configuration for ``budget_s`` seconds, score it on validation, log the row."""
     from igrpn import train as training
-    from igrpn.data import load_cases, read_manifest
-    from igrpn.report import ground_truth
 
     profile = dataclasses.replace(get_profile(base), **overrides)
     if method != PEER_METHOD:
         profile = profile.for_method(method)
     out_dir = out_root / name / f"seed{seed}"
-    table = read_manifest(manifest)
-    train_table = table[table["split"] == "train"]
-    train_ids, val_ids = training.split_train_val(list(train_table["case_id"]), profile.val_fraction, seed)
     if method == PEER_METHOD:
         from igrpn import peer
 
         result = peer.train_peer(profile, seed, out_dir, manifest, budget_s, progress=progress)
-        cases = load_cases(train_table[train_table["case_id"].isin(val_ids)], profile.spacing_mm, progress=False)
-        chosen = peer.validation_answers(result, cases)
+        answer = functools.partial(peer.validation_answers, result)
         steps, train_s = result["steps"], result["train_seconds"]
     else:
         checkpoint = training.train(profile, method=method, iou_balance=iou_balance, seed=seed, out_dir=out_dir,
                                     manifest=manifest, resume=False, progress=progress, max_seconds=budget_s,
                                     validate_every=validate_every)
-        log = pd.DataFrame(training.read_log(out_dir / training.LOG_NAME))
-        step_rows = log[log["kind"] == "step"]
-        steps, train_s = len(step_rows), float(step_rows["seconds"].astype(float).sum())
-        cases = load_cases(train_table[train_table["case_id"].isin(val_ids)], profile.spacing_mm, progress=False)
-        chosen = validation_answers(checkpoint, cases)
-    n_train = len(train_ids)
+        answer = functools.partial(validation_answers, checkpoint)
+        steps, train_s = _logged_steps(checkpoint)
+    return _log_run(name, overrides, method, iou_balance, seed, profile, manifest, float(budget_s), steps, train_s,
+                    answer, log_path, note)
+
+
+def _logged_steps(checkpoint: Path) -> tuple[int, float]:
+    """Optimiser steps of an igrpn training and the seconds they took, from its ``log.csv``."""
+    from igrpn.train import LOG_NAME, read_log
+
+    log = pd.DataFrame(read_log(Path(checkpoint).parent / LOG_NAME))
+    if log.empty:
+        return 0, float("nan")
+    steps = log[log["kind"] == "step"]
+    return len(steps), float(steps["seconds"].astype(float).sum())
+
+
+def _log_run(name: str, overrides: dict, method: str, iou_balance: bool, seed: int, profile: Profile,
+             manifest: Path, budget_s: float, steps: int, train_s: float, answer, log_path: Path,
+             note: str) -> dict:
+    """Score a trained run on the seed's validation hold-out and append its row to the log.
+
+    ``answer(cases)`` returns the run's selected answers on the validation cases.
+    """
+    from igrpn.data import load_cases, read_manifest
+    from igrpn.report import ground_truth
+    from igrpn.train import split_train_val
+
+    table = read_manifest(manifest)
+    train_table = table[table["split"] == "train"]
+    train_ids, val_ids = split_train_val(list(train_table["case_id"]), profile.val_fraction, seed)
+    cases = load_cases(train_table[train_table["case_id"].isin(val_ids)], profile.spacing_mm, progress=False)
     row = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "name": name, "change": change_text(overrides),
-           "method": method, "iou_balance": iou_balance, "seed": seed, "budget_s": float(budget_s),
+           "method": method, "iou_balance": iou_balance, "seed": seed, "budget_s": budget_s,
            "train_s": train_s, "steps": int(steps),
-           "epochs": float(steps * profile.batch_size / max(1, n_train)), "note": note}
-    row.update(score_answers(chosen, ground_truth(cases)))
+           "epochs": float(steps * profile.batch_size / max(1, len(train_ids))), "note": note}
+    row.update(score_answers(answer(cases), ground_truth(cases)))
     append_row(row, log_path)
     return row
 
@@ -232,29 +253,15 @@ def score_checkpoint(name: str, checkpoint: Path, manifest: Path, log_path: Path
     """Score a finished igrpn training (e.g. one of ``make reproduce``) on its own validation
     hold-out exactly as :func:`run_one` scores a budgeted run, and log the row; the budget is the
     time its optimiser steps took (its ``log.csv``)."""
-    from igrpn import train as training
-    from igrpn.data import load_cases, read_manifest
-    from igrpn.report import ground_truth
+    from igrpn.train import load_checkpoint
 
-    ckpt = training.load_checkpoint(checkpoint)
-    config_ = ckpt["config"]
-    profile = Profile.from_dict(config_["profile"])
-    method, seed = ckpt["method"], int(config_["seed"])
-    log = pd.DataFrame(training.read_log(Path(checkpoint).parent / training.LOG_NAME))
-    steps = log[log["kind"] == "step"] if len(log) else log
-    train_s = float(steps["seconds"].astype(float).sum()) if len(steps) else float("nan")
-    table = read_manifest(manifest)
-    train_table = table[table["split"] == "train"]
-    train_ids, val_ids = training.split_train_val(list(train_table["case_id"]), profile.val_fraction, seed)
-    cases = load_cases(train_table[train_table["case_id"].isin(val_ids)], profile.spacing_mm, progress=False)
-    row = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "name": name,
-           "change": change_text(profile_difference(profile, get_profile(base).for_method(method))),
-           "method": method, "iou_balance": bool(ckpt["iou_balance"]), "seed": seed, "budget_s": train_s,
-           "train_s": train_s, "steps": len(steps),
-           "epochs": float(len(steps) * profile.batch_size / max(1, len(train_ids))), "note": note}
-    row.update(score_answers(validation_answers(Path(checkpoint), cases), ground_truth(cases)))
-    append_row(row, log_path)
-    return row
+    ckpt = load_checkpoint(checkpoint)
+    profile = Profile.from_dict(ckpt["config"]["profile"])
+    method, seed = ckpt["method"], int(ckpt["config"]["seed"])
+    steps, train_s = _logged_steps(checkpoint)
+    return _log_run(name, profile_difference(profile, get_profile(base).for_method(method)), method,
+                    bool(ckpt["iou_balance"]), seed, profile, manifest, train_s, steps, train_s,
+                    functools.partial(validation_answers, Path(checkpoint)), log_path, note)
 
 
 def score_main(argv: list[str]) -> int:

@@ -863,10 +863,8 @@ class RPNModel(LandmarkModel):
         positives = box_ops.sample_balanced(torch.where(labels > 0, labels, -1), profile.samples_per_volume,
                                             profile.positive_fraction, generator)
         num_neg = profile.samples_per_volume - positives.numel()
-        volume_logits = volume_logits.detach()
-        hardness = volume_logits[:, 1:].amax(dim=1).float().sub_(volume_logits[:, 0].float())
-        pool = box_ops.hardest_negatives(labels, hardness, profile.hard_negative_pool * num_neg,
-                                         group_size=self.num_anchors_per_cell)
+        pool = box_ops.hardest_negatives(labels, _foreground_log_odds(volume_logits),
+                                         profile.hard_negative_pool * num_neg, group_size=self.num_anchors_per_cell)
         pick = torch.randperm(pool.numel(), generator=generator)[:num_neg].to(pool.device)
         return torch.cat([positives, pool[pick]])
 
@@ -876,8 +874,7 @@ class RPNModel(LandmarkModel):
         landmark, outside every GT box and not already in ``chosen`` (online hard negative mining)."""
         # The top-scoring anchor of each class is the answer, so the background anchors that look
         # most like a landmark matter most; random sampling rarely meets them.
-        volume_logits = volume_logits.detach()
-        hardness = volume_logits[:, 1:].amax(dim=1).float().sub_(volume_logits[:, 0].float())
+        hardness = _foreground_log_odds(volume_logits)
         # Only places outside every GT box: a wrong-shaped anchor on a landmark is a negative too,
         # but its box centre is still the right answer. The A anchors of a cell share its centre.
         per_cell = self.num_anchors_per_cell
@@ -905,6 +902,13 @@ class RPNModel(LandmarkModel):
                                              self.num_anchors_per_cell, self.profile.nms_iou, top_k,
                                              self.mirror_pairs))
         return results
+
+
+def _foreground_log_odds(logits: Tensor) -> Tensor:
+    """(A,) fp32, detached: each anchor's largest landmark logit minus its background logit, how
+    strongly it is taken for some landmark (the hardness the negative miners rank by)."""
+    logits = logits.detach()
+    return logits[:, 1:].amax(dim=1).float().sub_(logits[:, 0].float())
 
 
 def anchor_candidates(logits: Tensor, deltas: Tensor, anchors: Tensor, first_prefix: int,

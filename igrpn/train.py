@@ -373,7 +373,7 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
             sampler.set_epoch(epoch)  # the permutation of this epoch, the same on every rank
             loader = DataLoader(dataset, batch_size=profile.batch_size, sampler=sampler, collate_fn=collate,
                                 pin_memory=on_cuda)
-        epoch_start, sums = time.perf_counter(), {}
+        epoch_start, epoch_first_step, sums = time.perf_counter(), global_step, {}
         bar = tqdm(itertools.islice(loader, steps_per_epoch), total=steps_per_epoch,
                    desc=f"{run_name(method, iou_balance)} epoch {epoch + 1}" + (
                        f"/{profile.epochs}" if max_seconds is None else f" ({train_seconds:.0f}/{max_seconds:.0f} s)"),
@@ -408,17 +408,14 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
             log_rows.append({"kind": "step", "epoch": epoch, "step": global_step, "lr": lr,
                              "seconds": now - step_start, **values})
             bar.set_postfix(loss=f"{values['loss']:.3f}")
-        n_steps = max(1, min(len(loader), steps_per_epoch))
+        # A time-budgeted epoch may end early: average over the steps it took.
+        n_steps = max(1, global_step - epoch_first_step)
         out_of_time = max_seconds is not None and train_seconds >= max_seconds
-        if out_of_time:
-            n_steps = max(1, sum(1 for r in log_rows if r["kind"] == "step" and r["epoch"] == epoch))
         row = {"kind": "epoch", "epoch": epoch, "step": global_step, "lr": lr,
                "seconds": time.perf_counter() - epoch_start,
                **{k: v / n_steps for k, v in sums.items()}}
         if not context.is_main:
             distributed.barrier()  # wait for rank 0's validation and checkpoint
-            if out_of_time:
-                break
             continue
         last = out_of_time or epoch + 1 == last_epoch
         if (epoch + 1) % validate_every and not last:
