@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by igrpn train")
     predict.add_argument("--prior", default=None, help="graph prior JSON (e.g. report/runs/graph_prior.json): "
                          "choose among the top-k candidates with the graph prior (paper Eq. 4)")
-    predict.add_argument("--lambda", dest="prior_lambda", type=float, default=None, metavar="L",
+    predict.add_argument("--lambda", dest="prior_lambda", type=_non_negative_float, default=None, metavar="L",
                          help="with --prior: weight of the candidates' log-scores beside the prior's "
                               "penalty (default 0, the paper's method)")
     predict.add_argument("--out", default=None, metavar="FILE",
@@ -147,12 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate every trained configuration on a manifest's test split.",
         epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("--profile", required=True, choices=sorted(PROFILES))
-    evaluate.add_argument("--manifest", required=True, help="data set manifest (its test split is used)")
+    evaluate.add_argument("--manifest", default=None,
+                          help="data set manifest (its test split is used; default: the profile's own data set, "
+                               "generated when missing)")
     evaluate.add_argument("--report-dir", required=True, help="folder with runs/<run>/checkpoint.pt")
     evaluate.add_argument("--prior", default=None,
                           help="graph prior JSON (default: REPORT_DIR/runs/graph_prior.json if present)")
-    evaluate.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
-    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    evaluate.add_argument("--n-boot", type=_positive_int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="bootstrap seed (default: %(default)s)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=cmd_evaluate)
 
@@ -208,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
+    except KeyboardInterrupt:  # every output is atomic: whole files or none are left
+        print(f"igrpn {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except UsageError as error:
         print(f"igrpn {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -218,6 +223,36 @@ def main(argv: list[str] | None = None) -> int:
 
 class UsageError(ValueError):
     """A command line that cannot be run as given (exit status 2)."""
+
+
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+
+
+def _number(text: str, kind: type, least: float, what: str):
+    """``kind(text)`` if it is finite and >= ``least``, else the usage error ``must be {what}``."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not (np.isfinite(value) and value >= least):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _number(text, int, 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(text, int, 0, "an integer >= 0")
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (NaN and inf refused)."""
+    return _number(text, float, 0.0, "a finite number >= 0")
 
 
 def _exit_code(stop: SystemExit) -> int:
@@ -239,6 +274,9 @@ def _run_delegated(name: str, argv: list[str]) -> int:
         return _exit_code(stop)
     try:
         status = module.main(argv)
+    except KeyboardInterrupt:  # checkpoints and logs are written atomically
+        print(f"igrpn {name}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, OSError) as error:  # bad manifest, case, checkpoint or output folder
         print(f"igrpn {name}: error: {error}", file=sys.stderr)
         return 1
@@ -250,47 +288,44 @@ def _run_delegated(name: str, argv: list[str]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Predict every volume; failures are reported and skipped; returns the exit status."""
-    from tqdm.auto import tqdm
+    """Predict every volume; failures are reported and skipped; returns the exit status.
 
+    Nothing is written before every volume has run: the output and the markups files are then
+    written together, all or none (``markups.atomic_write_files``), so Ctrl-C or a failure leaves
+    the files as they were.
+    """
     from igrpn.detect import Detector
-    from igrpn.markups import markups_path_for
 
     out = Path(args.out) if args.out else None
     if out is not None:
+        if out.is_dir():  # before the suffix: "--out results" names a folder, not a format
+            raise IsADirectoryError(f"{out}: cannot write the output: it is a directory (give a .csv or .json file)")
         output_format(out)  # refuse an unknown suffix before any work
         check_writable(out)
     if args.prior_lambda is not None and args.prior is None:
         raise UsageError("--lambda only applies with --prior")
-    paths, failures = expand_volume_args(args.volumes)
+    paths, failures, repeats = expand_volume_args(args.volumes)
+    for name in repeats:
+        print(f"igrpn predict: note: {name} is given more than once; predicted once", file=sys.stderr)
     n_inputs = len(paths) + len(failures)
     if args.markups:
         check_markups_names(paths, args.markups)
 
     detector = Detector.from_checkpoint(args.checkpoint, prior=args.prior,
                                         prior_lambda=args.prior_lambda or 0.0)
-    markups_dir = prepare_markups_dir(args.markups) if args.markups else None
+    markups_dir, created = prepare_markups_dir(args.markups) if args.markups else (None, False)
     for pattern, reason in failures:
         print(f"igrpn predict: error: {pattern}: {reason}", file=sys.stderr)
-    results: list[tuple[str, "pandas.DataFrame"]] = []
-    for path in tqdm(paths, desc="igrpn predict", unit="volume", disable=True if args.quiet else None):
-        try:
-            rows = predict_file(detector, path)
-            if markups_dir is not None:
-                write_selected_markups(markups_path_for(path, markups_dir), rows)
-        except (ValueError, OSError, RuntimeError, MemoryError) as error:
-            message = _one_line(error)
-            reason = message if str(path) in message else f"{path}: {message}"
-            failures.append((str(path), reason))
-            tqdm.write(f"igrpn predict: error: {reason}", file=sys.stderr)
-            continue
-        results.append((str(path), rows))
-
-    if results and out is not None:
-        write_predictions(results, out)
-        print(f"igrpn predict: wrote {len(results)} volume(s) to {out}", file=sys.stderr)
-    elif results:
-        print(format_landmarks(results))
+    try:
+        results, markups = _predict_all(detector, paths, failures, markups_dir, quiet=args.quiet)
+    except KeyboardInterrupt:
+        _remove_if_empty(markups_dir, created)
+        print("igrpn predict: interrupted (Ctrl-C): nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    try:
+        _write_outputs(results, markups, out)
+    finally:
+        _remove_if_empty(markups_dir, created)
     if failures:
         print(f"igrpn predict: {len(failures)} of {n_inputs} input(s) failed: "
               f"{', '.join(name for name, _ in failures)}", file=sys.stderr)
@@ -300,14 +335,70 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def expand_volume_args(arguments: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+def _predict_all(detector, paths: list[Path], failures: list, markups_dir, quiet: bool) -> tuple[list, dict]:
+    """Predict each volume, appending each failure to ``failures`` (and reporting it).
+
+    Returns:
+        ([(volume, rows)], {markups path: its text}) of the volumes that ran; nothing is written.
+    """
+    from tqdm.auto import tqdm
+
+    from igrpn.markups import markups_path_for
+
+    results, markups = [], {}
+    for path in tqdm(paths, desc="igrpn predict", unit="volume", disable=True if quiet else None):
+        try:
+            rows, notes = predict_file(detector, path)
+            if markups_dir is not None:
+                target = markups_path_for(path, markups_dir)
+                markups[target] = selected_markups_text(target, rows)
+        except (ValueError, OSError, RuntimeError, MemoryError) as error:
+            message = _one_line(error)
+            reason = message if str(path) in message else f"{path}: {message}"
+            failures.append((str(path), reason))
+            tqdm.write(f"igrpn predict: error: {reason}", file=sys.stderr)
+            continue
+        for note in notes:
+            tqdm.write(f"igrpn predict: note: {note}", file=sys.stderr)
+        results.append((str(path), rows))
+    return results, markups
+
+
+def _write_outputs(results: list, markups: dict, out: Path | None) -> None:
+    """Write the predictions (or print them) and the markups files, all or none."""
+    from igrpn.markups import atomic_write_files
+
+    files = dict(markups)
+    if results and out is not None:
+        files[out] = predictions_text(results, out)
+    atomic_write_files(files)
+    if results and out is not None:
+        print(f"igrpn predict: wrote {len(results)} volume(s) to {out}", file=sys.stderr)
+    elif results:
+        print(format_landmarks(results))
+    if markups:
+        print(f"igrpn predict: wrote {len(markups)} markups file(s) to {Path(next(iter(markups))).parent}",
+              file=sys.stderr)
+
+
+def _remove_if_empty(folder, created: bool) -> None:
+    """Remove a folder this run created when nothing was written into it."""
+    if folder is not None and created:
+        try:
+            folder.rmdir()  # fails, as it should, when the folder holds anything
+        except OSError:
+            pass
+
+
+def expand_volume_args(arguments: list[str]) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
     """Expand glob patterns the shell left alone; drop repeats.
 
     Returns:
-        (paths in order, [(pattern, reason)] for patterns that matched no file). A plain path that
-        does not exist is kept: reading it reports "file not found" with the others.
+        (paths in order, [(pattern, reason)] for patterns that matched no file, the paths given
+        more than once, once each). A plain path that does not exist is kept: reading it reports
+        "file not found" with the others.
     """
-    paths, failures, seen = [], [], set()
+    paths, failures, seen, repeats = [], [], set(), []
     for argument in arguments:
         if _GLOB_CHARS & set(argument) and not os.path.exists(argument):
             matches = sorted(glob.glob(argument, recursive=True))
@@ -317,14 +408,16 @@ def expand_volume_args(arguments: list[str]) -> tuple[list[Path], list[tuple[str
         else:
             matches = [argument]
         for match in matches:
-            key = os.path.abspath(match)
+            key = os.path.realpath(match)  # a link to a volume given too is the same volume
             if key not in seen:
                 seen.add(key)
                 paths.append(Path(match))
-    return paths, failures
+            elif match not in repeats:
+                repeats.append(match)
+    return paths, failures, repeats
 
 
-def read_volume(path, spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def read_volume(path, spacing_mm: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read a NIfTI volume for prediction, checking the header before reading the voxels.
 
     Args:
@@ -332,30 +425,19 @@ def read_volume(path, spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
         spacing_mm: the checkpoint's isotropic spacing (for the size limit).
 
     Returns:
-        (data float32 (X, Y, Z) or (X, Y, Z, 1), affine (4, 4) voxel → world mm).
+        (data float32 (X, Y, Z) or (X, Y, Z, 1), affine (4, 4) voxel → world mm, notes to show
+        the user: see ``igrpn.data.check_nifti_header``).
 
     Raises:
         igrpn.data.CaseError (a ValueError) naming the file: missing, empty, not NIfTI, truncated,
-        not a single 3D volume, more than ``MAX_SOURCE_VOXELS`` voxels, or a resampled grid
-        above ``igrpn.detect.MAX_GRID_VOXELS``.
+        complex or colour voxels, not a single 3D volume, more than ``MAX_SOURCE_VOXELS`` voxels,
+        or a resampled grid above ``igrpn.detect.MAX_GRID_VOXELS``.
     """
-    import nibabel as nib
-
-    from igrpn.data import CaseError
+    from igrpn.data import CaseError, open_nifti
     from igrpn.detect import check_grid_size
 
     name = str(path)
-    if not os.path.isfile(path):
-        what = "is a directory, not a NIfTI file" if os.path.isdir(path) else "file not found"
-        raise CaseError(f"{name}: {what}")
-    if os.path.getsize(path) == 0:
-        raise CaseError(f"{name}: empty file")
-    try:
-        image = nib.load(path)
-    except Exception as error:  # nibabel raises many types for content it cannot parse
-        raise CaseError(f"{name}: not a readable NIfTI file ({type(error).__name__}: {_one_line(error)})") from None
-    if not isinstance(image, nib.Nifti1Pair):  # base class of NIfTI-1 and NIfTI-2 images
-        raise CaseError(f"{name}: not a NIfTI file (read as {type(image).__name__})")
+    image, notes = open_nifti(path, name)
     shape = tuple(image.shape)
     if len(shape) == 4 and shape[3] > 1:
         raise CaseError(f"{name}: a 4D file holding {shape[3]} volumes (shape {shape}); "
@@ -378,7 +460,7 @@ def read_volume(path, spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
     except Exception as error:  # truncated or corrupt voxel data
         raise CaseError(f"{name}: cannot read the voxels, file truncated or corrupt "
                         f"({type(error).__name__}: {_one_line(error)})") from None
-    return data, affine
+    return data, affine, notes
 
 
 def _one_line(error: BaseException) -> str:
@@ -386,12 +468,17 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def predict_file(detector, path) -> "pandas.DataFrame":
-    """Read one volume and predict it; rows of ``Detector.predict`` with a leading ``volume`` column."""
-    data, affine = read_volume(path, detector.profile.spacing_mm)
+def predict_file(detector, path) -> tuple["pandas.DataFrame", list[str]]:
+    """Read one volume and predict it.
+
+    Returns:
+        (rows of ``Detector.predict`` with a leading ``volume`` column, notes of
+        :func:`read_volume` to show the user).
+    """
+    data, affine, notes = read_volume(path, detector.profile.spacing_mm)
     rows = detector.predict(data, affine, name=str(path))
     rows.insert(0, "volume", str(path))
-    return rows
+    return rows, notes
 
 
 def output_format(path: Path) -> str:
@@ -439,23 +526,32 @@ def check_markups_names(paths: list[Path], directory) -> None:
         targets[target] = path
 
 
-def prepare_markups_dir(directory) -> Path:
-    """Create the markups folder if needed and check that it can be written."""
+def prepare_markups_dir(directory) -> tuple[Path, bool]:
+    """Create the markups folder if needed and check that it can be written.
+
+    Returns:
+        (the folder, whether this call created it: removed again if nothing is written).
+    """
     directory = Path(directory)
+    created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OSError(f"{directory}: cannot create the markups folder: {error.strerror or error}") from None
-    check_writable(directory / "probe.mrk.json")
-    return directory
+    try:
+        check_writable(directory / "probe.mrk.json")
+    except OSError:
+        _remove_if_empty(directory, created)
+        raise
+    return directory, created
 
 
-def write_selected_markups(path: Path, rows) -> Path:
-    """The selected landmarks of one volume's rows as a Slicer point list (LPS)."""
-    from igrpn.markups import write_markups
+def selected_markups_text(path: Path, rows) -> str:
+    """The selected landmarks of one volume's rows as a Slicer point list (LPS) for ``path``."""
+    from igrpn.markups import markups_text
 
     selected = selected_rows(rows)
-    return write_markups(path, list(selected["landmark"]), selected[["x", "y", "z"]].to_numpy())
+    return markups_text(path, list(selected["landmark"]), selected[["x", "y", "z"]].to_numpy())
 
 
 def selected_rows(rows):
@@ -465,13 +561,19 @@ def selected_rows(rows):
 
 
 def write_predictions(results: list, path: Path) -> None:
-    """Write ``[(volume, rows)]`` as CSV (every row) or JSON (per volume), atomically.
+    """Write ``[(volume, rows)]`` as CSV (every row) or JSON (per volume), atomically."""
+    from igrpn.markups import atomic_write_text
 
-    JSON: ``[{"volume": name, "landmarks": [selected rows], "candidates": [all rows]}, ...]``.
+    atomic_write_text(path, predictions_text(results, path))
+
+
+def predictions_text(results: list, path: Path) -> str:
+    """``[(volume, rows)]`` as CSV (every row) or JSON (per volume), by the suffix of ``path``.
+
+    JSON: ``[{"volume": name, "landmarks": [selected rows], "candidates": [all rows]}, ...]``,
+    always valid JSON (a non-finite number, which JSON cannot hold, would be ``null``).
     """
     import pandas as pd
-
-    from igrpn.markups import atomic_write_text
 
     if output_format(path) == "csv":
         text = pd.concat([rows for _, rows in results], ignore_index=True).to_csv(index=False)
@@ -482,14 +584,20 @@ def write_predictions(results: list, path: Path) -> None:
              "candidates": _records(rows.drop(columns="volume"))}
             for name, rows in results
         ]
-        text = json.dumps(document, indent=2) + "\n"
-    atomic_write_text(path, text)
+        text = json.dumps(document, indent=2, allow_nan=False) + "\n"
+    return text
 
 
 def _records(frame) -> list[dict]:
-    """DataFrame rows as JSON-ready dicts of Python scalars."""
-    return [{key: (value.item() if hasattr(value, "item") else value) for key, value in record.items()}
+    """DataFrame rows as JSON-ready dicts of Python scalars (NaN and inf as None)."""
+    return [{key: _json_scalar(value) for key, value in record.items()}
             for record in frame.to_dict(orient="records")]
+
+
+def _json_scalar(value):
+    """A Python scalar JSON can hold: numpy scalars unwrapped, non-finite floats as None."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and not np.isfinite(value) else value
 
 
 def format_landmarks(results: list) -> str:
@@ -510,8 +618,9 @@ def format_landmarks(results: list) -> str:
 
 def cmd_phantom(args: argparse.Namespace) -> int:
     """Generate the phantom data set; prints the manifest's path."""
-    from igrpn.phantom import generate_dataset
+    from igrpn.phantom import check_manifest_path, generate_dataset
 
+    check_manifest_path(args.out, args.manifest)
     path = generate_dataset(args.out, n=args.n, seed=args.seed, n_test=args.n_test, grid=args.grid,
                             spacing_mm=args.spacing, manifest_path=args.manifest, progress=not args.quiet)
     print(path)
@@ -537,7 +646,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{prior}: graph prior file not found")
     if prior is None and (report_dir / "runs" / "graph_prior.json").is_file():
         prior = report_dir / "runs" / "graph_prior.json"
-    evaluation = evaluate_runs(get_profile(args.profile), args.manifest, report_dir, prior_path=prior,
+    from igrpn.phantom import command_manifest
+
+    manifest = command_manifest(args.profile, args.manifest, progress=not args.quiet)
+    evaluation = evaluate_runs(get_profile(args.profile), manifest, report_dir, prior_path=prior,
                                n_boot=args.n_boot, seed=args.seed, progress=not args.quiet)
     tables = write_tables(evaluation, report_dir / "tables", n_boot=args.n_boot, seed=args.seed)
     print("Table 1 (ours (paper))\n\n" + table_markdown(tables["table1"]))
@@ -551,7 +663,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_markups_to_manifest(args: argparse.Namespace) -> int:
-    """Write a manifest from volumes and their ``.mrk.json`` landmarks."""
+    """Write a manifest from volumes and their ``.mrk.json`` landmarks; nothing unless every
+    volume is a 3D NIfTI file with a unique name and all five landmarks."""
     import pandas as pd
 
     from igrpn.data import REQUIRED_COLUMNS
@@ -559,25 +672,39 @@ def cmd_markups_to_manifest(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_writable(out)
-    images, unmatched = expand_volume_args(args.images)
+    images, unmatched, _ = expand_volume_args(args.images)
     if unmatched:
         raise FileNotFoundError("; ".join(f"{pattern}: {reason}" for pattern, reason in unmatched))
-    rows, problems = [], []
+    rows, problems, by_case = [], [], {}
     for image in images:
-        if not image.is_file():
-            problems.append(f"{image}: file not found")
+        case_id = volume_stem(image)
+        if case_id in by_case:  # the case_id is the file name: read_manifest would refuse the pair
+            problems.append(f"{by_case[case_id]} and {image} would both be case_id {case_id!r}; rename one")
             continue
+        by_case[case_id] = image
         relative = os.path.relpath(image.resolve(), out.resolve().parent)
         try:
-            rows.append(manifest_row_from_markups(volume_stem(image), relative, args.split,
+            check_manifest_image(image)
+            rows.append(manifest_row_from_markups(case_id, relative, args.split,
                                                   markups_path_for(image, args.markups_dir)))
         except ValueError as error:
-            problems.append(str(error))
+            problems.append(_one_line(error))
     if problems:  # nothing written unless every volume has its landmarks
-        raise ValueError("no manifest written:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{out}: no manifest written: " + "; ".join(problems))
     atomic_write_text(out, pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS)).to_csv(index=False))
     print(f"igrpn markups-to-manifest: wrote {len(rows)} row(s) to {out}", file=sys.stderr)
     return 0
+
+
+def check_manifest_image(image: Path) -> None:
+    """Refuse an image a manifest cannot use: not a NIfTI file, not one 3D volume, complex or
+    colour voxels (from the header; the voxels are not read)."""
+    from igrpn.data import CaseError, open_nifti
+
+    header_image, _ = open_nifti(image, str(image))
+    shape = tuple(header_image.shape)
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise CaseError(f"{image}: not 3D: shape {shape} (expected (X, Y, Z) or (X, Y, Z, 1))")
 
 
 if __name__ == "__main__":

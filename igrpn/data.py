@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ _NA_STRINGS = ["", "NA", "N/A", "NaN", "nan", "null", "None"]
 PAD_MULTIPLE = 8
 #: Rotations drawn before giving up on one that keeps every landmark inside the volume.
 MAX_ROTATION_DRAWS = 10
+#: Largest voxel magnitude accepted: linear interpolation takes differences of two voxels in
+#: float32 (largest 3.4e38), so larger values overflow to inf and NaN.
+MAX_ABS_INTENSITY = 1e37
 
 
 class ManifestError(ValueError):
@@ -251,12 +255,22 @@ def prepare_volume(volume, affine, spacing_mm: float, name: str = "volume") -> t
     if data.min() == data.max():
         raise ValueError(f"{name}: constant volume (every voxel {float(data.flat[0]):g}); "
                          "cannot normalise intensity")
+    peak = float(max(-data.min(), data.max()))
+    if peak > MAX_ABS_INTENSITY:
+        raise ValueError(f"{name}: voxel values reach {peak:.3g} in magnitude, beyond the {MAX_ABS_INTENSITY:g} "
+                         "that float32 interpolation holds without overflow; the intensities (or the file's "
+                         "scl_slope) are wrong")
 
     # Closest RAS+ orientation: flips and axis permutations of the array, affine updated to match.
     canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
     data = np.asarray(canonical.dataobj, dtype=np.float32)
     resampled, new_affine = resample_volume(data, canonical.affine, spacing_mm)
-    return normalise_intensity(resampled, name), new_affine
+    try:
+        return normalise_intensity(resampled, name), new_affine
+    except ValueError:  # the volume varied, so resampling averaged its contrast away
+        raise ValueError(f"{name}: no contrast left once resampled to {spacing_mm:g} mm: the "
+                         f"{'x'.join(map(str, resampled.shape))} grid holds a single value; the volume is "
+                         "too small for this spacing") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,28 +382,92 @@ def landmarks_from_row(row) -> np.ndarray:
 # Loading
 
 
-def _read_nifti(path: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(data, affine) of a NIfTI file; ``CaseError`` naming the case and file for any failure."""
+def open_nifti(path, name: str):
+    """Open a NIfTI file's header (the voxels are not read yet) and check what it shows.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        name: names the file (or the case and the file) in messages.
+
+    Returns:
+        (nibabel image, notes of :func:`check_nifti_header`).
+
+    Raises:
+        CaseError naming the file: missing, a directory, empty, not NIfTI, complex or colour voxels.
+    """
+    path = str(path)
     if not os.path.isfile(path):
-        raise CaseError(f"{name}: file not found")
+        raise CaseError(f"{name}: {'is a directory, not a NIfTI file' if os.path.isdir(path) else 'file not found'}")
     if os.path.getsize(path) == 0:
         raise CaseError(f"{name}: empty file")
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises several types for non-NIfTI content
-        raise CaseError(f"{name}: not a readable NIfTI file ({type(error).__name__}: {error})") from None
+        raise CaseError(f"{name}: not a readable NIfTI file ({type(error).__name__}: "
+                        f"{' '.join(str(error).split())})") from None
     if not isinstance(image, nib.Nifti1Pair):  # base of NIfTI-1/2 single files and pairs
         raise CaseError(f"{name}: not a NIfTI file (read as {type(image).__name__})")
+    return image, check_nifti_header(image, name)
+
+
+def _read_nifti(path: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(data, affine) of a NIfTI file; ``CaseError`` naming the case and file for any failure.
+    A note of :func:`check_nifti_header` is a warning."""
+    image, notes = open_nifti(path, name)
     # Refuse a bad dimensionality from the header alone, before reading the voxels.
     shape = tuple(image.shape)
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
         raise CaseError(f"{name}: not 3D: shape {shape} (expected (X, Y, Z) or (X, Y, Z, 1))")
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
     try:
         data = image.get_fdata(dtype=np.float32)
     except Exception as error:  # truncated or corrupt voxel data
         raise CaseError(f"{name}: cannot read the voxels, file truncated or corrupt "
                         f"({type(error).__name__}: {error})") from None
     return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def check_nifti_header(image, name: str) -> list[str]:
+    """Refuse voxel types igrpn would misread; return notes on what it assumes for the geometry.
+
+    Args:
+        image: a loaded ``nibabel`` NIfTI image (only the header is looked at).
+        name: names the file in messages.
+
+    Returns:
+        One-line notes to show the user: a file without qform and sform whose voxel size
+        (pixdim) is 0 is read with 1 mm voxels (nibabel's fallback), so every distance is a guess.
+
+    Raises:
+        CaseError: complex voxels (the imaginary part would be dropped) or colour (RGB/RGBA)
+        voxels (igrpn needs one grey level per voxel).
+    """
+    dtype = image.get_data_dtype()
+    if dtype.kind == "c":
+        raise CaseError(f"{name}: complex-valued voxels ({dtype}); igrpn needs real grey levels: save the "
+                        "magnitude (abs) of the volume")
+    if dtype.kind == "V" or dtype.names:
+        raise CaseError(f"{name}: colour voxels ({'/'.join(dtype.names or ['structured'])}); igrpn needs one grey "
+                        "level per voxel: convert the volume to greyscale")
+    header = image.header
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        zero = [axis + 1 for axis, size in enumerate(_stored_pixdim(image)[1:4]) if not size]
+        if zero:
+            return [f"{name}: no qform or sform and voxel size (pixdim) 0 along axis {zero}: read as 1 mm voxels, "
+                    "so positions in mm are a guess"]
+    return []
+
+
+def _stored_pixdim(image) -> np.ndarray:
+    """``pixdim`` as stored in the file (nibabel's loaded header already has its zeros set to 1)."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(image.file_map["header"].filename) as stream:
+            return np.asarray(type(image.header).from_fileobj(stream, check=False)["pixdim"], dtype=np.float64)
+    except Exception:  # noqa: BLE001 - no file (an image in memory): the header is all there is
+        return np.asarray(image.header["pixdim"], dtype=np.float64)
 
 
 def _load_grid(path: str, spacing_mm: float, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ as a pair of distinct places named left and right by the face's handedness (:fun
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ PREDICTION_COLUMNS = ("landmark", "class_id", "rank", "selected", "score", "x", 
 #: backbone's first block alone needs gigabytes of CPU memory; crop the volume or use a coarser
 #: profile.
 MAX_GRID_VOXELS = 256 ** 3
+#: Candidates asked of the model, in multiples of the profile's top-k, when some of the top-k lie
+#: outside the volume (in the zero padding) and are replaced by the next ones inside it.
+CANDIDATE_RESERVE = 4
 
 
 def check_grid_size(shape, affine, spacing_mm: float, name: str = "volume") -> tuple[int, int, int]:
@@ -56,6 +60,39 @@ def check_grid_size(shape, affine, spacing_mm: float, name: str = "volume") -> t
     return grid
 
 
+def min_extent_mm(profile: Profile) -> float:
+    """The shortest field of view (mm, along every axis) a volume needs: the model answers each
+    landmark with a box of ``profile.gt_box_mm``, and the largest must fit inside the volume."""
+    return float(max(profile.gt_box_mm))
+
+
+def check_extent(shape, affine, profile: Profile, name: str = "volume") -> None:
+    """Refuse a volume with an axis shorter than :func:`min_extent_mm` (e.g. a slice, or slices
+    0.01 mm thick): its landmarks would be placed outside it.
+
+    Args:
+        shape: (X, Y, Z[, ...]) of the volume as given (a NIfTI header's shape is enough).
+        affine: (4, 4) voxel → world mm.
+        profile: the checkpoint's profile.
+        name: names the volume in the message.
+
+    Raises:
+        ValueError: naming the volume, the short axis (mm and voxels) and the least extent (mm,
+        and voxels at the profile's spacing).
+    """
+    voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    extent_mm = np.asarray(shape[:3], dtype=np.float64) * voxel_mm  # voxel edges to voxel edges
+    least = min_extent_mm(profile)
+    short = np.flatnonzero(extent_mm < least - 1e-6)
+    if len(short):
+        axis = int(short[0])
+        raise ValueError(
+            f"{name}: too small: axis {axis + 1} spans {extent_mm[axis]:.3g} mm ({shape[axis]} voxel(s) of "
+            f"{voxel_mm[axis]:.3g} mm; field of view {' x '.join(f'{e:.3g}' for e in extent_mm)} mm); the model needs "
+            f"at least {least:g} mm ({math.ceil(least / profile.spacing_mm - 1e-6)} voxels at its "
+            f"{profile.spacing_mm:g} mm) along every axis, the size of its largest landmark box")
+
+
 class Detector:
     """A trained landmark model with its profile, and optionally a fitted :class:`GraphPrior`.
 
@@ -74,27 +111,30 @@ class Detector:
         self.model = model.eval()
         self.profile = profile
         self.prior = GraphPrior.load(prior) if isinstance(prior, (str, Path)) else prior
+        if not (np.isfinite(prior_lambda) and prior_lambda >= 0):
+            raise ValueError(f"prior_lambda must be a finite number >= 0, got {prior_lambda}")
         self.prior_lambda = prior_lambda
+        #: the checkpoint the weights came from (set by from_checkpoint; named in errors)
+        self.checkpoint: str | None = None
         #: +1/−1: answer the eyes as a pair named by the face's handedness (see select_answers)
         self.handedness = handedness
         self.last_timing: dict[str, float] = {}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, prior=None, prior_lambda: float = 0.0) -> "Detector":
-        """Build the model a checkpoint describes and load its weights (``weights_only=True``)."""
-        from igrpn.model import build_model
-        from igrpn.train import CheckpointError, load_checkpoint
+        """Build the model a checkpoint describes and load its weights (``weights_only=True``).
+
+        Raises:
+            igrpn.train.CheckpointError naming the file and what is wrong with it.
+        """
+        from igrpn.train import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(path)
-        try:
-            profile = Profile.from_dict(ckpt["config"]["profile"])
-        except ValueError as error:
-            raise CheckpointError(f"{path}: {error}") from None
-        model = build_model(ckpt["method"], profile, iou_balance=ckpt["iou_balance"])
-        model.load_state_dict(ckpt["model"])
+        model, profile = model_from_checkpoint(ckpt, path)
         detector = cls(model, profile, prior=prior, prior_lambda=prior_lambda, handedness=ckpt.get("handedness"))
         detector.method = ckpt["method"]
         detector.iou_balance = ckpt["iou_balance"]
+        detector.checkpoint = str(path)
         return detector
 
     def pairing(self) -> dict:
@@ -105,12 +145,16 @@ class Detector:
                 "pair_eyes": self.handedness is not None or self.profile.merge_mirror_pairs}
 
     @torch.no_grad()
-    def predict_grid(self, volume: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
+    def predict_grid(self, volume: np.ndarray, affine: np.ndarray, keep=None, name: str = "volume") -> pd.DataFrame:
         """Predict on a volume already on the profile's isotropic grid and normalised (a ``Case``).
 
         Args:
             volume: (X, Y, Z) float32, normalised as ``igrpn.data.load_case`` does.
             affine: (4, 4) voxel → world mm of that grid.
+            keep: optional ``f(world mm (n, 3)) -> bool (n,)``: candidates it refuses are replaced
+                by the next ones of their landmark that it accepts (:meth:`predict` keeps those
+                inside the volume given); then a non-finite output is a ``ValueError``.
+            name: names the volume in error messages.
 
         Returns:
             One row per candidate (columns ``PREDICTION_COLUMNS``; ``i, j, k`` on this grid).
@@ -123,8 +167,13 @@ class Detector:
         model_ms = (time.perf_counter() - start) * 1e3
 
         start = time.perf_counter()
+        affine = np.asarray(affine, dtype=np.float64)
         per_landmark = self.model.candidates(outputs, top_k=self.profile.top_k)[0]
-        rows = self._candidate_rows(per_landmark, np.asarray(affine, dtype=np.float64))
+        rows = self._candidate_rows(per_landmark, affine)
+        if keep is not None:
+            self._check_finite(rows, name)
+            if not keep(rows[["x", "y", "z"]].to_numpy(dtype=np.float64)).all():
+                rows = self._candidates_kept(outputs, rows, affine, keep, name)
         #: the candidates before any selection (predict_cases selects them again with a prior)
         self.last_candidates = rows
         rows = select_answers(rows, self.prior, self.prior_lambda, **self.pairing())
@@ -132,11 +181,37 @@ class Detector:
         self.last_timing = {"model_ms": model_ms, "postprocess_ms": post_ms, "total_ms": model_ms + post_ms}
         return rows
 
+    def _check_finite(self, rows: pd.DataFrame, name: str) -> None:
+        """Refuse NaN or infinite scores or boxes, naming the volume and the checkpoint."""
+        values = rows[["score", "x", "y", "z", "w", "h", "d"]].to_numpy(dtype=np.float64)
+        if not np.isfinite(values).all():
+            source = f"checkpoint {self.checkpoint}" if self.checkpoint else "the model given"
+            raise ValueError(f"{name}: the model's output is not finite ({int((~np.isfinite(values)).sum())} NaN "
+                             f"or inf values in scores and boxes) with {source}")
+
+    def _candidates_kept(self, outputs, rows: pd.DataFrame, affine: np.ndarray, keep, name: str) -> pd.DataFrame:
+        """Each landmark's best candidates that ``keep`` accepts, as many as it had in ``rows``.
+
+        Asks the model for ``CANDIDATE_RESERVE`` times the profile's top-k, drops the refused
+        ones and renumbers the ranks (greedy NMS keeps the same first boxes whatever k is, so the
+        accepted boxes of ``rows`` stay and the refused ones are replaced by the next ones).
+        """
+        wanted = rows.groupby("landmark").size()
+        wide = self._candidate_rows(self.model.candidates(outputs, top_k=self.profile.top_k * CANDIDATE_RESERVE)[0],
+                                    affine)
+        self._check_finite(wide, name)
+        wide = wide[keep(wide[["x", "y", "z"]].to_numpy(dtype=np.float64))]
+        wide = wide.sort_values(["class_id", "rank"], kind="stable")
+        wide = wide[wide.groupby("landmark").cumcount() < wide["landmark"].map(wanted).fillna(0)]
+        return wide.assign(rank=wide.groupby("landmark").cumcount()).reset_index(drop=True)
+
     def predict(self, volume: np.ndarray, affine: np.ndarray, name: str = "volume") -> pd.DataFrame:
         """Predict the five landmarks of a volume of any size, spacing and orientation.
 
-        A volume smaller than the network's field of view is zero-padded (by the model, to a
-        multiple of 8 voxels); one whose resampled grid exceeds ``MAX_GRID_VOXELS`` is refused.
+        A volume is refused when its resampled grid exceeds ``MAX_GRID_VOXELS`` or when an axis
+        is shorter than :func:`min_extent_mm` (it cannot hold a landmark's box); a smaller grid
+        than the network's input multiple is zero-padded (by the model). Only candidates inside
+        the volume are returned: one in the padding is replaced by its landmark's next one.
 
         Args:
             volume: (X, Y, Z) or (X, Y, Z, 1) intensities (any dtype).
@@ -148,21 +223,29 @@ class Detector:
             box size ``w, h, d`` in mm, ``score``, ``rank`` and ``selected``.
 
         Raises:
-            ValueError naming the volume: not 3D, NaN/inf voxels, constant, bad affine, too large.
+            ValueError naming the volume: not 3D, NaN/inf voxels, constant, bad affine, too large,
+            too small, a non-finite model output (naming the checkpoint too), or a landmark
+            without any candidate inside the volume.
         """
-        from igrpn.data import prepare_volume
+        from igrpn.data import inside_volume, prepare_volume, world_to_voxel
 
         volume, affine = np.asarray(volume), np.asarray(affine, dtype=np.float64)
         # A bad shape or affine is left to prepare_volume, which names the problem.
-        if (volume.ndim >= 3 and affine.shape == (4, 4) and np.all(np.isfinite(affine))
+        one_volume = volume.ndim == 3 or (volume.ndim == 4 and volume.shape[3] == 1)
+        if (one_volume and affine.shape == (4, 4) and np.all(np.isfinite(affine))
                 and abs(np.linalg.det(affine[:3, :3])) > 1e-12):
             check_grid_size(volume.shape, affine, self.profile.spacing_mm, name)
+            check_extent(volume.shape, affine, self.profile, name)
         grid_volume, grid_affine = prepare_volume(volume, affine, self.profile.spacing_mm, name=name)
-        rows = self.predict_grid(grid_volume, grid_affine)
+        shape = volume.shape[:3]
+        rows = self.predict_grid(grid_volume, grid_affine, name=name,
+                                 keep=lambda world: inside_volume(world_to_voxel(world, affine), shape))
+        missing = [landmark for landmark in LANDMARKS if not rows["selected"][rows["landmark"] == landmark].any()]
+        if missing:
+            raise ValueError(f"{name}: the model placed no candidate for {', '.join(missing)} inside the volume "
+                             f"({len(rows)} candidates inside in all)")
         # Re-express the centres in the voxel grid of the volume the caller gave.
-        world = rows[["x", "y", "z"]].to_numpy()
-        homogeneous = np.c_[world, np.ones(len(world))]
-        rows[["i", "j", "k"]] = (np.linalg.inv(affine) @ homogeneous.T).T[:, :3]
+        rows[["i", "j", "k"]] = world_to_voxel(rows[["x", "y", "z"]].to_numpy(dtype=np.float64), affine)
         return rows
 
     def _candidate_rows(self, per_landmark, affine: np.ndarray) -> pd.DataFrame:

@@ -18,10 +18,15 @@ A user who annotates volumes in Slicer with point labels equal to our landmark n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import stat
 import tempfile
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +54,14 @@ def ras_to_lps(points) -> np.ndarray:
 
 
 def write_markups(path, names, points_mm, coordinate_system: str = "LPS") -> Path:
-    """Write points as a Slicer point list (``.mrk.json``), atomically.
+    """Write points as a Slicer point list (``.mrk.json``), atomically (:func:`markups_text`)."""
+    path = Path(path)
+    atomic_write_text(path, markups_text(path, names, points_mm, coordinate_system))
+    return path
+
+
+def markups_text(path, names, points_mm, coordinate_system: str = "LPS") -> str:
+    """A Slicer point list (``.mrk.json`` text) of points, to be written to ``path``.
 
     Args:
         path: the file to write (conventionally ending in ``.mrk.json``).
@@ -58,11 +70,11 @@ def write_markups(path, names, points_mm, coordinate_system: str = "LPS") -> Pat
         coordinate_system: ``"LPS"`` (Slicer's default) or ``"RAS"``: how the file stores them.
 
     Returns:
-        The path written.
+        The file's JSON text.
 
     Raises:
-        ValueError: names and points disagree in number, points not (N, 3) finite, unknown
-            coordinate system. OSError: the file cannot be written (nothing is left behind).
+        ValueError naming ``path``: names and points disagree in number, points not (N, 3)
+        finite, unknown coordinate system.
     """
     path = Path(path)
     names = [str(name) for name in names]
@@ -90,8 +102,7 @@ def write_markups(path, names, points_mm, coordinate_system: str = "LPS") -> Pat
             "locked": False, "labelFormat": "%N-%d", "controlPoints": control_points,
         }],
     }
-    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
-    return path
+    return json.dumps(document, indent=2) + "\n"
 
 
 def read_markups(path) -> tuple[list[str], np.ndarray]:
@@ -199,27 +210,92 @@ def volume_stem(path) -> str:
 
 
 def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``.
+    """Write ``text`` (UTF-8) to ``path`` atomically: see :func:`atomic_write_files`."""
+    atomic_write_files({path: text})
 
-    A reader never sees a half-written file, and a failure leaves no temporary file behind.
+
+def atomic_write_files(contents: Mapping) -> None:
+    """Write several files all or none: every one to a temporary file beside it, then renamed.
+
+    The one place every igrpn output goes through (predictions, markups, manifests, checkpoints,
+    logs, phantom volumes). A reader never sees a half-written file; a failure or Ctrl-C while
+    writing leaves no temporary file and no new file; the renames, the only step that touches
+    the targets, hold Ctrl-C until they are all done. Each file gets the permissions a plain
+    ``open(path, "w")`` would give: an existing file keeps its mode, a new one gets 0666 less the
+    umask. A symbolic link is written through (its target replaced, the link kept), as ``open``
+    does.
+
+    Args:
+        contents: {path: str (written as UTF-8) or bytes}. The folders must exist.
 
     Raises:
-        OSError: naming the file (missing directory, no permission, ...).
+        OSError naming the file (missing folder, no permission, disk full, ...).
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: cannot write: directory {path.parent} does not exist")
+    pending: list[tuple[str, Path]] = []
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise OSError(f"{path}: cannot write: {error.strerror or error}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        for path, data in contents.items():
+            target = _write_target(Path(path))
+            pending.append((_write_temporary(target, data), target))
+        with _ctrl_c_held():
+            for temporary, target in pending:
+                os.replace(temporary, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for temporary, _ in pending:
+            Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _write_target(path: Path) -> Path:
+    """The file a write to ``path`` changes: the target of a symbolic link, else ``path``."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"{path}: cannot write: directory {target.parent} does not exist")
+    if target.is_dir():
+        raise IsADirectoryError(f"{path}: cannot write: it is a directory")
+    return target
+
+
+def _write_temporary(target: Path, data) -> str:
+    """A temporary file beside ``target`` holding ``data``, with the mode ``target`` will have."""
+    try:
+        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as error:
+        raise OSError(f"{target}: cannot write: {error.strerror or error}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        # mkstemp creates 0600 files; an output should look like any file the user writes.
+        os.chmod(temporary, output_mode(target))
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def output_mode(path) -> int:
+    """Permission bits for writing ``path``: its own when it exists, else 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # the only portable way to read the umask is to set it
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold a Ctrl-C (SIGINT) until the block has run, then raise it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 # --------------------------------------------------------------------------------------------

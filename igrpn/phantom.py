@@ -38,7 +38,6 @@ import csv
 import gzip
 import math
 import os
-import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -49,13 +48,18 @@ from igrpn.config import GT_BOX_MM, LANDMARKS, NUM_LANDMARKS
 __all__ = [
     "MATERIAL_NAMES", "MANIFEST_COLUMNS", "PhantomOptions", "PhantomInfo", "make_phantom",
     "make_phantom_with_info", "case_seeds", "split_labels", "generate_dataset", "ensure_dataset",
-    "main",
+    "command_manifest", "check_manifest_path", "main",
 ]
 
 #: Margin (mm) kept between each landmark's ground-truth box and the volume's faces.
 BOX_MARGIN_MM = 2.0
 #: Margin (mm) kept between each landmark and the edge of the fan.
 FAN_MARGIN_MM = 3.0
+#: Largest grid (voxels per edge): generating one volume holds about 20 float32 copies of it
+#: (property maps, scatterers, convolutions), some 1.3 GiB at 256³; 100000 would need petabytes.
+MAX_GRID = 256
+#: Most volumes one data set may have (the seeds and the manifest are built in memory).
+MAX_VOLUMES = 100_000
 #: Pose draws before giving up (a grid too small for the face).
 MAX_POSE_DRAWS = 200
 #: Placement draws for one distractor before leaving it out.
@@ -1029,9 +1033,10 @@ def _form_image(maps: np.ndarray, grid: _Grid, imaging: dict, rng: np.random.Gen
 def _check_arguments(seed, grid, spacing_mm, options) -> PhantomOptions:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"phantom seed must be a non-negative integer, got {seed!r}")
-    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 16:
-        raise ValueError(f"phantom grid must be an integer >= 16 voxels, got {grid!r}")
-    if not (isinstance(spacing_mm, (int, float, np.floating)) and spacing_mm > 0):
+    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or not 16 <= grid <= MAX_GRID:
+        raise ValueError(f"phantom grid must be an integer from 16 to {MAX_GRID} voxels (igrpn.phantom.MAX_GRID), "
+                         f"got {grid!r}")
+    if not (isinstance(spacing_mm, (int, float, np.floating)) and math.isfinite(spacing_mm) and spacing_mm > 0):
         raise ValueError(f"phantom spacing_mm must be a positive number, got {spacing_mm!r}")
     known = {f.name for f in fields(PhantomOptions)}
     unknown = sorted(set(options) - known)
@@ -1163,17 +1168,12 @@ def split_labels(seed: int, n: int, n_test: int) -> list[str]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
+    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written;
+    ``markups.atomic_write_files``), creating the folder."""
+    from igrpn.markups import atomic_write_files
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique hidden name beside the target (same file system, so the rename is atomic).
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temporary, "xb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_write_files({path: data})
 
 
 def _nifti_bytes(volume: np.ndarray, affine: np.ndarray, description: str) -> bytes:
@@ -1211,10 +1211,11 @@ def generate_dataset(out_dir, n: int = 152, seed: int = 0, n_test: int = 32, gri
     """
     from tqdm.auto import tqdm
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"generate_dataset: n must be a positive integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_VOLUMES:
+        raise ValueError(f"generate_dataset: n must be a positive integer up to {MAX_VOLUMES}, got {n!r}")
     if not 0 <= n_test <= n:
         raise ValueError(f"generate_dataset: n_test must be in [0, n={n}], got {n_test!r}")
+    _check_arguments(seed, grid, spacing_mm, {})  # before any folder or file is made
     out_dir = Path(out_dir)
     manifest = Path(manifest_path) if manifest_path is not None else out_dir / "data_manifest.csv"
     seeds, splits = case_seeds(seed, n), split_labels(seed, n, n_test)
@@ -1311,6 +1312,22 @@ def ensure_dataset(manifest_path, profile, data_dir=None, progress: bool = True)
     return manifest
 
 
+def command_manifest(profile_name: str, manifest=None, progress: bool = True) -> Path:
+    """The manifest a command reads (``igrpn train``, ``igrpn evaluate``).
+
+    A user's own ``manifest`` is returned as given: it is never generated over (reading it names
+    what is missing). Without one, the profile's own data set (``reproduce.default_manifest``) is
+    returned, generated with a progress bar when missing, as ``make reproduce`` does
+    (:func:`ensure_dataset`), so every command works from a fresh clone.
+    """
+    if manifest is not None:
+        return Path(manifest)
+    from igrpn.config import get_profile
+    from igrpn.reproduce import default_manifest
+
+    return ensure_dataset(default_manifest(profile_name), get_profile(profile_name), progress=progress)
+
+
 # ------------------------------------------------------------------------------ command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -1327,12 +1344,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def check_manifest_path(out_dir, manifest_path) -> None:
+    """Refuse a ``--manifest`` whose folder does not exist (unless it is ``--out``, which is created).
+
+    As in every igrpn command, a folder given as a folder (``--out``) is created, but the folder
+    of an output file is not: a mistyped path fails instead of scattering files.
+
+    Raises:
+        ValueError naming the manifest and the missing folder.
+    """
+    if manifest_path is None:
+        return
+    manifest = Path(manifest_path)
+    folder = manifest.absolute().parent
+    if manifest.is_dir():
+        raise ValueError(f"{manifest}: cannot write the manifest: it is a directory")
+    if not folder.is_dir() and folder != Path(out_dir).absolute():
+        raise ValueError(f"{manifest}: cannot write the manifest: directory {folder} does not exist "
+                         "(the folder of an output file is not created; create it first)")
+
+
 def main(argv=None) -> None:
     """``python -m igrpn.phantom --out data/phantom --n 152 --seed 0``."""
     parser = add_arguments(argparse.ArgumentParser(prog="python -m igrpn.phantom",
                                                    description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     try:
+        check_manifest_path(args.out, args.manifest)
         path = generate_dataset(args.out, n=args.n, seed=args.seed, n_test=args.n_test, grid=args.grid,
                                 spacing_mm=args.spacing, manifest_path=args.manifest, progress=not args.quiet)
     except ValueError as error:

@@ -452,9 +452,11 @@ class GraphPrior:
 
     def save(self, path) -> Path:
         """Write the prior as JSON (edges, ratio names, µ, σ, n_fit, version); returns the path."""
+        from igrpn.markups import atomic_write_files
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_files({path: json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"})
         return path
 
     @classmethod
@@ -478,14 +480,13 @@ class GraphPrior:
                    if k not in data]
         if missing:
             raise ValueError(f"{path}: GraphPrior file lacks {missing}")
-        if list(data["landmarks"]) != list(LANDMARKS):
-            raise ValueError(f"{path}: landmarks {data['landmarks']} differ from {list(LANDMARKS)}")
-        if [tuple(e) for e in data["edges"]] != list(cls.EDGES):
-            raise ValueError(f"{path}: graph edges differ from this version's {list(cls.EDGES)}")
-        if list(data["ratio_names"]) != list(cls.RATIO_NAMES):
-            raise ValueError(
-                f"{path}: ratio names {data['ratio_names']} differ from {list(cls.RATIO_NAMES)}"
-            )
+        for key, label, expected in (("landmarks", "landmarks", list(LANDMARKS)),
+                                     ("edges", "graph edges", [list(e) for e in cls.EDGES]),
+                                     ("ratio_names", "ratio names", list(cls.RATIO_NAMES))):
+            # Compared as JSON values: a number or a string where a list belongs simply differs.
+            if data[key] != expected:
+                raise ValueError(f"{path}: {label} {json.dumps(data[key])[:120]} differ from this version's "
+                                 f"{json.dumps(expected)[:120]}")
         try:
             mu = np.asarray(data["mu"], dtype=np.float64)
             sigma = np.asarray(data["sigma"], dtype=np.float64)
@@ -499,6 +500,8 @@ class GraphPrior:
         cls._check_parameters(mu, sigma, str(path))
         if face is not None and face.shape != (NUM_LANDMARKS, 3):
             raise ValueError(f"{path}: mean_face_mm must have shape (5, 3), got {face.shape}")
+        if face is not None and not np.all(np.isfinite(face)):
+            raise ValueError(f"{path}: mean_face_mm holds NaN or inf")
         return cls(mu=mu, sigma=sigma, n_fit=n_fit, mean_face_mm=face)
 
     def __repr__(self) -> str:

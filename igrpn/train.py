@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
+import re
+import zipfile
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -106,31 +108,27 @@ def make_optimizer(parameters, profile: Profile) -> torch.optim.Optimizer:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """Write ``obj`` to a temporary file beside ``path`` and rename it: never a half-written file."""
+    """Write ``obj`` with ``torch.save`` atomically (``markups.atomic_write_files``: never a
+    half-written file, the mode an ordinary write gives); creates the folder."""
+    from igrpn.markups import atomic_write_files
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_files({path: buffer.getvalue()})
 
 
 def write_log(rows: list[dict], path: Path) -> None:
     """Write the log CSV atomically."""
+    from igrpn.markups import atomic_write_files
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=LOG_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_files({path: text.getvalue()})
 
 
 def read_log(path: Path) -> list[dict]:
@@ -140,24 +138,23 @@ def read_log(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+#: Entries of a checkpoint that inference and resuming read.
+CHECKPOINT_KEYS = ("format_version", "method", "iou_balance", "config", "model")
+
+
 def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
     """Load a checkpoint safely (``weights_only=True``: pickled code is refused, never run).
 
     Raises:
-        CheckpointError: unreadable file, pickled objects, another format version, or (when
-            ``method`` is given) a checkpoint of another method.
+        CheckpointError naming the file: missing, not a file of ``torch.save``, pickled objects,
+        another format version, an entry of ``CHECKPOINT_KEYS`` missing, an unknown method,
+        weights that are not finite tensors, or (when ``method`` is given) another method.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - reported with the file name
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{path}: not a loadable igrpn checkpoint (it is refused unless it holds only tensors "
-            f"and plain data): {first_line}"
-        ) from None
+        what = "is a directory, not a checkpoint" if path.is_dir() else "checkpoint not found"
+        raise CheckpointError(f"{path}: {what}")
+    ckpt = _read_torch_file(path)
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise CheckpointError(f"{path}: not an igrpn checkpoint (no format_version)")
     if ckpt["format_version"] != CHECKPOINT_FORMAT:
@@ -165,9 +162,122 @@ def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
             f"{path}: checkpoint format {ckpt['format_version']} is not supported "
             f"(this igrpn reads format {CHECKPOINT_FORMAT})"
         )
+    _check_entries(ckpt, path)
     if method is not None and ckpt.get("method") != method:
         raise CheckpointError(f"{path}: checkpoint is for method {ckpt.get('method')!r}, not {method!r}")
     return ckpt
+
+
+def _read_torch_file(path: Path):
+    """``torch.load(weights_only=True)`` with every failure a :class:`CheckpointError`.
+
+    torch's own messages advise re-loading with ``weights_only=False``, which would run whatever
+    code the file carries: they are never passed on.
+    """
+    # torch.save has written zip archives since torch 1.6; anything else is not an igrpn file.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not an igrpn checkpoint (not a file written by torch.save)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - reported with the file name
+        refused = re.search(r"GLOBAL (\S+)", str(error))
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused: it holds pickled Python objects ({refused.group(1)}) that loading would "
+                "import and run; an igrpn checkpoint holds only tensors and plain data") from None
+        raise CheckpointError(f"{path}: not an igrpn checkpoint (torch cannot read it: "
+                              f"{type(error).__name__})") from None
+
+
+def _check_entries(ckpt: dict, path: Path) -> None:
+    """The entries inference and resuming read are there, and the weights are finite tensors."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if "config" in ckpt and not (isinstance(ckpt["config"], dict) and isinstance(ckpt["config"].get("profile"), dict)):
+        missing.append("config['profile']")
+    if missing:
+        raise CheckpointError(f"{path}: incomplete igrpn checkpoint: no {', '.join(missing)}")
+    if ckpt["method"] not in config.METHODS:
+        raise CheckpointError(f"{path}: unknown method {ckpt['method']!r} (expected one of {list(config.METHODS)})")
+    weights = ckpt["model"]
+    if not (isinstance(weights, dict) and weights and all(torch.is_tensor(v) for v in weights.values())):
+        raise CheckpointError(f"{path}: its 'model' entry is not a dict of weight tensors")
+    bad = [name for name, tensor in weights.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]!r}); "
+                              "the training diverged or the file is damaged")
+
+
+def checkpoint_profile(ckpt: dict, path: str | Path) -> Profile:
+    """The profile a checkpoint was trained with, refused when inference could not run with it.
+
+    Raises:
+        CheckpointError naming the file and the field: another igrpn version's profile, or a size
+        that is not positive (a spacing of 0 mm would divide by zero, ``top_k = 0`` answer nothing).
+    """
+    try:
+        profile = Profile.from_dict(ckpt["config"]["profile"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: {' '.join(str(error).split())}") from None
+    problems = [f"{name} = {getattr(profile, name)!r} (must be a positive number)"
+                for name in ("spacing_mm", "feature_stride_mm") if not _positive(getattr(profile, name))]
+    problems += [f"{name} = {getattr(profile, name)!r} (must be a positive integer)"
+                 for name in ("width", "top_k")
+                 if not (_positive(getattr(profile, name)) and getattr(profile, name) == int(getattr(profile, name)))]
+    problems += [f"{name} = {getattr(profile, name)!r} (every size must be a positive number of mm)"
+                 for name in ("gt_box_mm", "anchor_sizes_mm")
+                 if not (getattr(profile, name) and all(_positive(v) for v in getattr(profile, name)))]
+    if problems:
+        raise CheckpointError(f"{path}: unusable profile: {'; '.join(problems)}")
+    return profile
+
+
+def _positive(value) -> bool:
+    """A finite number above zero (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path):
+    """Build the model a checkpoint of :func:`load_checkpoint` describes and load its weights.
+
+    Returns:
+        (model, profile).
+
+    Raises:
+        CheckpointError naming the file: a profile that does not build the model, weights missing,
+        unexpected or of another shape (e.g. a checkpoint whose width was edited).
+    """
+    from igrpn.model import build_model
+
+    profile = checkpoint_profile(ckpt, path)
+    try:
+        model = build_model(ckpt["method"], profile, iou_balance=bool(ckpt["iou_balance"]))
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: its profile does not build a {ckpt['method']} model "
+                              f"({type(error).__name__}: {' '.join(str(error).split())})") from None
+    mismatch = _weights_mismatch(model.state_dict(), ckpt["model"])
+    if mismatch:
+        raise CheckpointError(f"{path}: its weights do not fit the {ckpt['method']} model its profile "
+                              f"describes: {mismatch}")
+    model.load_state_dict(ckpt["model"])
+    return model, profile
+
+
+def _weights_mismatch(expected: dict, stored: dict) -> str:
+    """One line on how ``stored`` weights differ from a model's ``expected`` state dict ('' if not)."""
+    missing = [name for name in expected if name not in stored]
+    unexpected = [name for name in stored if name not in expected]
+    reshaped = [name for name in expected if name in stored and stored[name].shape != expected[name].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (first: {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]!r})")
+    if reshaped:
+        name = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (first: {name!r}, {tuple(stored[name].shape)} in the "
+                     f"file, {tuple(expected[name].shape)} in the model)")
+    return "; ".join(parts)
 
 
 def _run_config(profile: Profile, method: str, iou_balance: bool, seed: int, manifest: Path,
@@ -460,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default="rpn", choices=config.METHODS)
     parser.add_argument("--no-iou-balance", action="store_true", help="plain cross-entropy (ablation)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--manifest", default="data_manifest.csv", help="data set (default: %(default)s)")
+    parser.add_argument("--manifest", default=None,
+                        help="data set (default: the profile's own, generated when missing, as make reproduce does)")
     parser.add_argument("--out", required=True, help="folder for checkpoint.pt and log.csv")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     parser.add_argument("--device", default="auto", choices=distributed.DEVICE_CHOICES,
@@ -482,14 +593,20 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m igrpn.train``; returns the exit status. Without ``--manifest`` the profile's own
+    data set is used, generated first when missing (``phantom.command_manifest``)."""
+    from igrpn.phantom import command_manifest
+
     args = build_parser().parse_args(argv)
     profile = get_profile(args.profile)
     if args.epochs is not None:
         profile = profile.with_epochs(args.epochs)
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone shows progress
+    manifest = command_manifest(args.profile, args.manifest, progress=is_main)
     path = train(profile, method=args.method, iou_balance=not args.no_iou_balance, seed=args.seed,
-                 out_dir=args.out, manifest=args.manifest, resume=not args.no_resume,
+                 out_dir=args.out, manifest=manifest, resume=not args.no_resume,
                  max_epochs=args.max_epochs, device=args.device, max_steps_per_epoch=args.max_steps_per_epoch)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+    if is_main:
         print(f"checkpoint: {path}")
     return 0
 

@@ -204,7 +204,7 @@ def test_bad_checkpoint_and_prior_are_reported_by_name(tmp_path, volumes, smoke_
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     status, _, err = _run(["predict", volumes[0], "--checkpoint", bad], capsys)
-    assert status == 1 and str(bad) in err and "not a loadable igrpn checkpoint" in err
+    assert status == 1 and str(bad) in err and "not an igrpn checkpoint (not a file written by torch.save)" in err
     status, _, err = _run(["predict", volumes[0], "--checkpoint", tmp_path / "missing.pt"], capsys)
     assert status == 1 and "missing.pt: checkpoint not found" in err
     status, _, err = _run(["predict", volumes[0], "--checkpoint", smoke_checkpoint,

@@ -17,7 +17,7 @@ import igrpn.markups
 from igrpn import detect
 from igrpn.cli import main
 from igrpn.config import LANDMARKS
-from igrpn.data import LANDMARK_COLUMNS
+from igrpn.data import LANDMARK_COLUMNS, inside_volume, prepare_volume, world_to_voxel
 from igrpn.detect import Detector
 
 
@@ -152,15 +152,41 @@ def test_every_volume_failing_writes_nothing_and_keeps_an_existing_output(tmp_pa
 # Detector.predict on unusual but valid volumes, and its own checks.
 
 
-@pytest.mark.parametrize("shape, voxel_mm", [
-    ((10, 12, 9), 1.3),   # far smaller than the field of view: a 3x3x3 grid at 5.2 mm
-    ((40, 36, 1), 1.0),   # a single slice thick
-    ((3, 3, 3), 4.0),     # a few voxels
+@pytest.mark.parametrize("shape, voxel_mm, axis, span", [
+    ((10, 12, 9), (1.3, 1.3, 1.3), 1, "13 mm (10 voxel(s) of 1.3 mm"),  # a 3x3x3 grid at 5.2 mm
+    ((40, 36, 1), (1.0, 1.0, 1.0), 3, "1 mm (1 voxel(s) of 1 mm"),      # a single slice
+    ((40, 36, 3), (1.0, 1.0, 1.0), 3, "3 mm (3 voxel(s) of 1 mm"),      # three slices (or an RGB stack)
+    ((40, 40, 40), (1.0, 1.0, 0.01), 3, "0.4 mm (40 voxel(s) of 0.01 mm"),  # slices 0.01 mm thick
+    ((2, 2, 2), (4.0, 4.0, 4.0), 1, "8 mm (2 voxel(s) of 4 mm"),        # a few voxels
 ])
-def test_tiny_volumes_are_padded_and_give_five_landmarks(detector, shape, voxel_mm):
-    affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
-    rows = detector.predict(random_volume(shape), affine, name="tiny")
+def test_volumes_too_small_for_a_landmark_box_are_refused(detector, shape, voxel_mm, axis, span):
+    """Every landmark of such volumes used to be placed outside them (exit 0)."""
+    with pytest.raises(ValueError) as refused:
+        detector.predict(random_volume(shape), np.diag([*voxel_mm, 1.0]), name="tiny")
+    message = str(refused.value)
+    assert message.startswith(f"tiny: too small: axis {axis} spans {span}")
+    assert "at least 31.2 mm (6 voxels at its 5.2 mm) along every axis" in message
+
+
+def test_the_smallest_volume_accepted_gives_five_landmarks_inside_it(detector):
+    shape = (8, 8, 8)  # 32 mm at 4 mm: just holds the largest box (31.2 mm); padded to the network
+    rows = detector.predict(random_volume(shape), np.diag([4.0, 4.0, 4.0, 1.0]), name="small")
     _assert_five_landmarks(rows)
+    assert inside_volume(rows[["i", "j", "k"]].to_numpy(dtype=float), shape).all()
+
+
+def test_candidates_in_the_padding_are_replaced_by_ones_inside(detector):
+    """A 12³ volume of 4 mm is a 10³ grid padded to 16³: the untrained model answers in the padding."""
+    shape, affine = (12, 12, 12), np.diag([4.0, 4.0, 4.0, 1.0])
+    grid, grid_affine = prepare_volume(random_volume(shape), affine, detector.profile.spacing_mm)
+    unfiltered = detector.predict_grid(grid, grid_affine)
+    voxels = world_to_voxel(unfiltered[["x", "y", "z"]].to_numpy(dtype=float), affine)
+    assert not inside_volume(voxels, shape).all()  # the case this test is about
+    rows = detector.predict(random_volume(shape), affine)
+    _assert_five_landmarks(rows)
+    assert inside_volume(rows[["i", "j", "k"]].to_numpy(dtype=float), shape).all()
+    for _, own in rows.groupby("landmark"):
+        assert sorted(own["rank"]) == list(range(len(own)))
 
 
 def test_integer_and_single_volume_4d_inputs_work(detector):
@@ -180,8 +206,8 @@ def test_voxel_coordinates_refer_to_the_volume_as_given(detector):
 @pytest.mark.parametrize("volume, affine, message", [
     (np.ones((20, 20)), np.eye(4), "scan.nii: not 3D"),
     (random_volume((8, 8, 8, 2)), np.eye(4), "scan.nii: not 3D"),
-    (np.full((8, 8, 8), np.nan), np.eye(4), "scan.nii: 512 NaN or infinite voxels"),
-    (np.zeros((8, 8, 8)), np.eye(4), "scan.nii: constant volume"),
+    (np.full((8, 8, 8), np.nan), np.diag([4.0, 4.0, 4.0, 1.0]), "scan.nii: 512 NaN or infinite voxels"),
+    (np.zeros((8, 8, 8)), np.diag([4.0, 4.0, 4.0, 1.0]), "scan.nii: constant volume"),
     (random_volume((8, 8, 8)), np.diag([1.0, 1.0, 0.0, 1.0]), "scan.nii: singular affine"),
     (random_volume((8, 8, 8)), np.eye(3), "scan.nii: affine must be a finite 4x4 matrix"),
     (random_volume((8, 8, 8)), np.diag([200.0, 200.0, 200.0, 1.0]), "scan.nii: too large"),
