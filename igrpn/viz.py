@@ -16,14 +16,15 @@ paper's Fig. 4: ground truth red, prediction blue; alternative candidates dashed
 
 All figures are ``matplotlib.figure.Figure`` objects made without pyplot (nothing is left in
 pyplot's global state); Jupyter shows a returned figure inline once ``%matplotlib inline`` is
-active, and ``fig.savefig`` works with any backend. The slice viewer draws with numpy only.
+active, and ``fig.savefig`` works with any backend.
+
+The interactive slice viewer (``SliceViewer``, ``browse_manifest``, the numpy renderer and the
+browser screenshot) lives in ``igrpn.viewer``; its names are re-exported here on first use, so
+``viz.SliceViewer`` keeps working.
 """
 
 from __future__ import annotations
 
-import struct
-import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,11 @@ __all__ = [
     "encode_png",
     "render_slices",
     "landmark_summary",
+    "candidate_table",
     "SliceViewer",
     "ManifestBrowser",
     "browse_manifest",
+    "save_viewer_screenshot",
     "dataset_summary",
     "load_demo_case",
 ]
@@ -77,7 +80,6 @@ BOX_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 CROSSHAIR_COLOUR = (255, 210, 0)
 _LINESTYLES = {"gt": "-", "pred": "-", "candidate": "--"}
-_PREDICTION_COLUMNS = ("landmark", "selected", "score", "i", "j", "k", "w", "h", "d")
 
 
 # ---------------------------------------------------------------------------- checks and units
@@ -952,455 +954,6 @@ def plot_worst_cases(cases, predictions: pd.DataFrame, landmark, distances: pd.D
     return fig
 
 
-# ---------------------------------------------------------------------------- numpy slice renderer
-
-
-def encode_png(rgb: np.ndarray, compression: int = 1) -> bytes:
-    """Encode an (H, W, 3) uint8 image as PNG bytes (no filter; zlib ``compression`` level)."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"encode_png: need an (H, W, 3) array, got shape {rgb.shape}")
-    height, width, _ = rgb.shape
-    # each scanline is prefixed by its filter type (0 = none)
-    scanlines = np.zeros((height, 1 + 3 * width), np.uint8)
-    scanlines[:, 1:] = rgb.reshape(height, -1)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + tag + data
-                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(scanlines.tobytes(), compression)) + chunk(b"IEND", b""))
-
-
-def _draw_outline(panel: np.ndarray, left: int, top: int, right: int, bottom: int,
-                  colour, thickness: int, dash: int) -> None:
-    """Draw a rectangle outline into an (H, W, 3) view, clipped to it; ``dash`` > 0 dashes it."""
-    height, width = panel.shape[:2]
-    cols = np.arange(max(left, 0), min(right, width - 1) + 1)
-    rows = np.arange(max(top, 0), min(bottom, height - 1) + 1)
-    if dash:  # keep every other run of ``dash`` pixels along each edge
-        cols = cols[((cols - left) // dash) % 2 == 0]
-        rows = rows[((rows - top) // dash) % 2 == 0]
-    edge_rows = [r for r in (*range(top, top + thickness), *range(bottom - thickness + 1, bottom + 1))
-                 if 0 <= r < height]
-    edge_cols = [c for c in (*range(left, left + thickness), *range(right - thickness + 1, right + 1))
-                 if 0 <= c < width]
-    if len(cols) and edge_rows:
-        panel[np.ix_(edge_rows, cols)] = colour
-    if len(rows) and edge_cols:
-        panel[np.ix_(rows, edge_cols)] = colour
-
-
-def render_slices(volume_u8: np.ndarray, point, overlays=(), scale: int = 2, gap: int = 4,
-                  crosshair: bool = True, thickness: int = 2) -> np.ndarray:
-    """The three planes through ``point``, side by side, as one RGB image (numpy only).
-
-    Panel order and orientation as ``PLANES`` / ``plot_planes`` (first in-plane axis to the
-    right, second up); each voxel becomes ``scale`` × ``scale`` pixels; box outlines are drawn
-    at display resolution where a plane cuts a box.
-
-    Args:
-        volume_u8: (X, Y, Z) uint8, already windowed.
-        point: (3,) integer voxel indices of the planes.
-        overlays: sequence of ``(boxes (n, 6) centre-form voxels, (r, g, b), dashed)``, drawn in
-            order (later on top).
-        scale: integer upscaling factor.
-        gap: pixels between panels.
-        crosshair: draw the other planes' positions in each panel.
-        thickness: outline width in pixels.
-
-    Returns:
-        (H, W, 3) uint8 with H = scale · max plane height, W = Σ scale · plane widths + 2 gaps.
-    """
-    shape = volume_u8.shape
-    in_plane = [[a for a in range(3) if a != axis] for _, axis in PLANES]
-    widths = [shape[u] * scale for u, _ in in_plane]
-    height = max(shape[v] for _, v in in_plane) * scale
-    canvas = np.zeros((height, sum(widths) + gap * (len(widths) - 1), 3), np.uint8)
-    offset = 0
-    for (_, axis), (u_axis, v_axis), width in zip(PLANES, in_plane, widths):
-        plane = np.take(volume_u8, int(point[axis]), axis=axis)  # (U, V)
-        # rows from high v to low v so that v points up; each voxel → scale × scale pixels
-        image = plane.T[::-1].repeat(scale, axis=0).repeat(scale, axis=1)
-        panel = canvas[: image.shape[0], offset: offset + width]
-        panel[...] = image[..., None]
-        n_v = shape[v_axis]
-        if crosshair:
-            panel[:, int(point[u_axis]) * scale + scale // 2] = CROSSHAIR_COLOUR
-            panel[(n_v - 1 - int(point[v_axis])) * scale + scale // 2, :] = CROSSHAIR_COLOUR
-        for boxes, colour, dashed in overlays:
-            cut, rect = plane_cuts(boxes, axis, point[axis])
-            for u0, v0, u1, v1 in rect[cut]:
-                # continuous voxel coordinate c ↦ pixel (c + 0.5) · scale; v is flipped
-                left, right = int(np.floor((u0 + 0.5) * scale)), int(np.ceil((u1 + 0.5) * scale)) - 1
-                top, bottom = int(np.floor((n_v - 0.5 - v1) * scale)), int(np.ceil((n_v - 0.5 - v0) * scale)) - 1
-                _draw_outline(panel, left, top, right, bottom, colour, thickness, 3 * thickness if dashed else 0)
-        offset += width + gap
-    return canvas
-
-
-def landmark_summary(gt_landmarks_vox=None, predictions: pd.DataFrame | None = None,
-                     spacing_mm: float = 1.0) -> pd.DataFrame:
-    """Per landmark: the answer's distance to the ground truth (mm), its score and rank.
-
-    Args:
-        gt_landmarks_vox: optional (5, 3) voxel positions.
-        predictions: optional rows of one volume (``landmark, score, i, j, k``, ``selected``
-            and ``rank`` when present).
-        spacing_mm: isotropic voxel size.
-
-    Returns:
-        Five rows: ``#``, ``landmark``, ``distance_mm`` (NaN unless both are known), ``score``,
-        ``rank`` (of the answer among its landmark's candidates), ``candidates`` (count).
-    """
-    table = pd.DataFrame({"#": np.arange(1, config.NUM_LANDMARKS + 1), "landmark": config.LANDMARKS})
-    table["distance_mm"] = np.nan
-    table["score"] = np.nan
-    table["rank"] = pd.array([pd.NA] * config.NUM_LANDMARKS, dtype="Int64")
-    table["candidates"] = 0
-    if predictions is None or predictions.empty:
-        return table
-    answers = _answers(predictions).set_index("landmark")
-    counts = predictions.groupby("landmark").size()
-    for n, name in enumerate(config.LANDMARKS):
-        table.loc[n, "candidates"] = int(counts.get(name, 0))
-        if name not in answers.index:
-            continue
-        answer = answers.loc[name]
-        table.loc[n, "score"] = float(answer["score"])
-        if "rank" in answers.columns:
-            table.loc[n, "rank"] = int(answer["rank"])
-        if gt_landmarks_vox is not None:
-            delta = answer[["i", "j", "k"]].to_numpy(float) - np.asarray(gt_landmarks_vox, float)[n]
-            table.loc[n, "distance_mm"] = float(np.linalg.norm(delta) * spacing_mm)
-    return table
-
-
-# ---------------------------------------------------------------------------- interactive viewer
-
-
-class SliceViewer:
-    """Interactive three-plane viewer (ipywidgets) of a volume with ground truth and predictions.
-
-    The three planes are composed into one RGB PNG with numpy (no matplotlib per redraw), so a
-    slider move redraws in a few milliseconds. Controls: one slider per axis, check boxes for the
-    ground truth (red), the answers (blue) and the other candidates (dashed cyan) and the
-    crosshair, a "jump to landmark" menu, and a table of each landmark's distance and score.
-
-    Args:
-        volume: (X, Y, Z) array, isotropic voxels.
-        spacing_mm: voxel size (mm).
-        gt_landmarks_vox: optional (5, 3) ground-truth voxel positions.
-        predictions: optional rows of ``Detector.predict`` for this volume (``landmark``,
-            ``selected``, ``rank``, ``score``, ``i, j, k`` voxels of this volume, ``w, h, d`` mm).
-        box_mm: ground-truth cube edge per landmark (mm).
-        title: text shown above the planes.
-        display_size: target pixel size of the largest plane edge (integer upscaling).
-        window: (lo, hi) display window (default ``intensity_window``).
-
-    Attributes:
-        widget: the ipywidgets container (a notebook cell evaluating to the viewer shows it).
-        sliders: the three ``IntSlider`` (CSS classes ``igrpn-slider`` and ``igrpn-slider-i/j/k``).
-        image: the ``Image`` widget (CSS class ``igrpn-slices``).
-        last_render_ms: time of the latest redraw (render + PNG encode), ms.
-    """
-
-    def __init__(self, volume, spacing_mm: float = 1.0, gt_landmarks_vox=None, predictions=None,
-                 box_mm=config.GT_BOX_MM, title=None, display_size: int = 256, window=None):
-        import ipywidgets as widgets
-
-        where = f"SliceViewer({title or 'volume'})"
-        volume = _check_volume(volume, where)
-        self.spacing_mm = float(spacing_mm)
-        if not self.spacing_mm > 0:
-            raise ValueError(f"{where}: spacing_mm must be positive, got {spacing_mm!r}")
-        self.shape = volume.shape
-        lo, hi = window if window is not None else intensity_window(volume)
-        # window once to uint8: a redraw then only slices, repeats and draws outlines
-        self.volume_u8 = np.clip((volume.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
-        self.scale = max(1, int(display_size // max(self.shape)))
-        self.title = title
-
-        self.gt_landmarks_vox = None
-        self.gt_boxes = np.zeros((0, 6))
-        if gt_landmarks_vox is not None:
-            self.gt_landmarks_vox = np.asarray(gt_landmarks_vox, dtype=np.float64)
-            if self.gt_landmarks_vox.shape != (config.NUM_LANDMARKS, 3):
-                raise ValueError(f"{where}: gt_landmarks_vox must be (5, 3), got {self.gt_landmarks_vox.shape}")
-            self.gt_boxes = landmark_boxes_vox(self.gt_landmarks_vox, self.spacing_mm, box_mm)
-        self.predictions = None
-        self.pred_boxes = np.zeros((0, 6))
-        self.candidate_boxes = np.zeros((0, 6))
-        if predictions is not None:
-            if not isinstance(predictions, pd.DataFrame):
-                raise ValueError(f"{where}: predictions must be a DataFrame, got {type(predictions).__name__}")
-            _check_columns(predictions, _PREDICTION_COLUMNS, where)
-            self.predictions = predictions.reset_index(drop=True)
-            self.pred_boxes, self.candidate_boxes, _ = prediction_boxes_vox(self.predictions, self.spacing_mm)
-
-        self.sliders = []
-        start = self._initial_point()
-        for axis, letter in enumerate("ijk"):
-            slider = widgets.IntSlider(value=int(start[axis]), min=0, max=self.shape[axis] - 1,
-                                       description=AXIS_NAMES[axis], continuous_update=True,
-                                       layout=widgets.Layout(width="260px"))
-            slider.add_class("igrpn-slider")
-            slider.add_class(f"igrpn-slider-{letter}")
-            slider.observe(self._on_change, names="value")
-            self.sliders.append(slider)
-        self.checkboxes = {}
-        def drawable(boxes):
-            return bool(np.isfinite(boxes).all(axis=1).any())
-
-        for key, text, available in (("gt", "ground truth (red)", drawable(self.gt_boxes)),
-                                     ("pred", "prediction (blue)", drawable(self.pred_boxes)),
-                                     ("candidate", "candidates (dashed)", drawable(self.candidate_boxes)),
-                                     ("crosshair", "crosshair", True)):
-            box = widgets.Checkbox(value=available, description=text, disabled=not available,
-                                   indent=False, layout=widgets.Layout(width="auto"))
-            box.add_class(f"igrpn-show-{key}")
-            box.observe(self._on_change, names="value")
-            self.checkboxes[key] = box
-        self.jump = widgets.Dropdown(options=self._jump_options(), value=None,
-                                     description="jump to", layout=widgets.Layout(width="320px"))
-        self.jump.add_class("igrpn-jump")
-        self.jump.observe(self._on_jump, names="value")
-        # pin the displayed size to the rendered size: one image pixel per screen pixel
-        height, width = self._rendered_size()
-        self.image = widgets.Image(format="png", layout=widgets.Layout(
-            width=f"{width}px", height=f"{height}px", max_width="none", object_fit="fill"))
-        self.image.add_class("igrpn-slices")
-        self.table = widgets.HTML(self._table_html())
-        self.table.add_class("igrpn-table")
-        caption = " | ".join(f"{name} ({AXIS_NAMES[axis]} fixed)" for name, axis in PLANES)
-        self.caption = widgets.HTML(f"<small>{caption}; first remaining axis to the right, second up. "
-                                    f"Voxel {self.spacing_mm:g} mm.</small>")
-        header = [widgets.HTML(f"<b>{title}</b>")] if title else []
-        self.widget = widgets.VBox([
-            *header,
-            widgets.HBox(self.sliders),
-            widgets.HBox([*self.checkboxes.values(), self.jump]),
-            self.image,
-            self.caption,
-            self.table,
-        ])
-        self.widget.add_class("igrpn-viewer")
-        self._hold = False
-        self.last_render_ms = float("nan")
-        self.refresh()
-
-    # -------------------------------------------------------------- constructors
-
-    @classmethod
-    def from_case(cls, case, predictions=None, **kwargs) -> "SliceViewer":
-        """Viewer of an ``igrpn.data.Case``; ``predictions`` may hold several cases (``case_id``)."""
-        spacing = voxel_spacing(case.affine)
-        if predictions is not None:
-            predictions = _case_rows(predictions, case.case_id)
-            if predictions.empty:  # no prediction for this case
-                predictions = None
-            elif {"x", "y", "z"} <= set(predictions.columns):
-                # re-express the centres in this case's grid, whichever volume they were made on
-                voxels = _world_to_voxel(predictions[["x", "y", "z"]].to_numpy(dtype=np.float64), case.affine)
-                predictions = predictions.assign(i=voxels[:, 0], j=voxels[:, 1], k=voxels[:, 2])
-        kwargs.setdefault("title", str(case.case_id))
-        return cls(case.volume, spacing_mm=float(spacing.mean()), gt_landmarks_vox=case.landmarks_vox,
-                   predictions=predictions, **kwargs)
-
-    @classmethod
-    def from_nifti(cls, path, spacing_mm: float | None = None, landmarks_mm=None, predictions=None,
-                   **kwargs) -> "SliceViewer":
-        """Viewer of a NIfTI file, loaded as the data module loads volumes.
-
-        Args:
-            path: ``.nii`` / ``.nii.gz`` file.
-            spacing_mm: resample to this isotropic spacing (default: the file's smallest voxel edge).
-            landmarks_mm: optional (5, 3) world positions (mm) of the ground truth.
-            predictions: optional ``Detector.predict`` rows for this file (their world ``x, y, z``
-                are mapped onto the resampled grid).
-        """
-        import nibabel as nib
-
-        from igrpn.data import prepare_volume
-
-        path = Path(path)
-        if not path.exists():
-            raise ValueError(f"SliceViewer.from_nifti: {path}: file not found")
-        try:
-            image = nib.load(str(path))
-            data = np.asarray(image.dataobj)
-        except Exception as error:  # nibabel raises several types for unreadable files
-            raise ValueError(f"SliceViewer.from_nifti: {path}: cannot read NIfTI ({error})") from None
-        if data.ndim == 4 and data.shape[3] == 1:
-            data = data[..., 0]
-        affine = np.asarray(image.affine, dtype=np.float64)
-        if spacing_mm is None:
-            spacing_mm = float(voxel_spacing(affine).min())
-        volume, grid_affine = prepare_volume(data, affine, spacing_mm)
-        landmarks_vox = None
-        if landmarks_mm is not None:
-            landmarks_vox = _world_to_voxel(np.asarray(landmarks_mm, dtype=np.float64).reshape(-1, 3),
-                                            grid_affine)
-        if predictions is not None:
-            voxels = _world_to_voxel(predictions[["x", "y", "z"]].to_numpy(dtype=np.float64), grid_affine)
-            predictions = predictions.assign(i=voxels[:, 0], j=voxels[:, 1], k=voxels[:, 2])
-        kwargs.setdefault("title", path.name)
-        return cls(volume, spacing_mm=spacing_mm, gt_landmarks_vox=landmarks_vox,
-                   predictions=predictions, **kwargs)
-
-    # -------------------------------------------------------------- state
-
-    def _initial_point(self) -> np.ndarray:
-        if self.gt_landmarks_vox is not None:
-            centre = self.gt_landmarks_vox.mean(axis=0)
-        elif len(self.pred_boxes) and np.isfinite(self.pred_boxes).any():
-            centre = np.nanmean(self.pred_boxes[:, :3], axis=0)
-        else:
-            centre = (np.asarray(self.shape) - 1) / 2
-        return np.clip(np.rint(centre), 0, np.asarray(self.shape) - 1).astype(int)
-
-    def _rendered_size(self) -> tuple[int, int]:
-        """(height, width) in pixels of the composed planes (see ``render_slices``)."""
-        x, y, z = self.shape
-        return max(z, y) * self.scale, (y + x + x) * self.scale + 2 * 4
-
-    @property
-    def point(self) -> tuple[int, int, int]:
-        """The current (i, j, k) of the three planes."""
-        return tuple(int(s.value) for s in self.sliders)
-
-    def set_point(self, point_vox) -> None:
-        """Move the three planes to a voxel (rounded and clipped), with a single redraw."""
-        target = np.clip(np.rint(np.asarray(point_vox, float)), 0, np.asarray(self.shape) - 1).astype(int)
-        self._hold = True
-        try:
-            for slider, value in zip(self.sliders, target):
-                slider.value = int(value)
-        finally:
-            self._hold = False
-        self.refresh()
-
-    def _jump_options(self):
-        options = [("choose a landmark…", None)]
-        for n, name in enumerate(config.LANDMARKS):
-            if self.gt_landmarks_vox is not None:
-                options.append((f"{n + 1} {name} (ground truth)", ("gt", n)))
-            if len(self.pred_boxes) and np.all(np.isfinite(self.pred_boxes[n])):
-                options.append((f"{n + 1} {name} (prediction)", ("pred", n)))
-        return options
-
-    def _on_jump(self, change) -> None:
-        if change["new"] is None:
-            return
-        kind, n = change["new"]
-        self.set_point(self.gt_landmarks_vox[n] if kind == "gt" else self.pred_boxes[n, :3])
-        self.jump.value = None  # so that picking the same landmark again jumps again
-
-    def _on_change(self, _change=None) -> None:
-        if not self._hold:
-            self.refresh()
-
-    # -------------------------------------------------------------- drawing
-
-    def render(self) -> np.ndarray:
-        """The current view as an (H, W, 3) uint8 array (what the image widget shows)."""
-        overlays = []
-        if self.checkboxes["candidate"].value:
-            overlays.append((self.candidate_boxes, BOX_COLOURS["candidate"], True))
-        if self.checkboxes["gt"].value:
-            overlays.append((self.gt_boxes, BOX_COLOURS["gt"], False))
-        if self.checkboxes["pred"].value:
-            overlays.append((self.pred_boxes, BOX_COLOURS["pred"], False))
-        return render_slices(self.volume_u8, self.point, overlays, scale=self.scale,
-                             crosshair=self.checkboxes["crosshair"].value)
-
-    def refresh(self) -> None:
-        """Redraw the image widget; records ``last_render_ms``."""
-        start = time.perf_counter()
-        self.image.value = encode_png(self.render())
-        self.last_render_ms = (time.perf_counter() - start) * 1e3
-
-    def summary(self) -> pd.DataFrame:
-        """The landmark table shown under the image (``landmark_summary``)."""
-        return landmark_summary(self.gt_landmarks_vox, self.predictions, self.spacing_mm)
-
-    def _table_html(self) -> str:
-        table = self.summary()
-        if self.predictions is None:
-            return "<small>no predictions: distances and scores appear when predictions are given</small>"
-        return table.to_html(index=False, float_format=lambda v: f"{v:.2f}", na_rep="–",
-                             classes="igrpn-summary", border=0)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
-
-    def display(self) -> None:
-        """Show the viewer in the current notebook output."""
-        from IPython.display import display
-
-        display(self.widget)
-
-
-class ManifestBrowser:
-    """A split and case picker over a manifest, showing a ``SliceViewer`` of the chosen case.
-
-    Args:
-        manifest_path: CSV manifest (DESIGN §3), read with ``igrpn.data.read_manifest``.
-        spacing_mm: isotropic spacing cases are loaded at.
-        predictions: optional prediction rows (``case_id`` column) or a path to such a CSV.
-
-    Attributes:
-        widget: the container; ``viewer``: the current ``SliceViewer``.
-    """
-
-    def __init__(self, manifest_path, spacing_mm: float, predictions=None):
-        import ipywidgets as widgets
-
-        from igrpn.data import read_manifest
-
-        self.manifest = read_manifest(manifest_path)
-        self.spacing_mm = float(spacing_mm)
-        if predictions is not None and not isinstance(predictions, pd.DataFrame):
-            predictions = pd.read_csv(predictions)
-        self.predictions = predictions
-        splits = sorted(self.manifest["split"].astype(str).unique())
-        self.split = widgets.Dropdown(options=splits, value="test" if "test" in splits else splits[0],
-                                      description="split")
-        self.case = widgets.Dropdown(options=[], description="case")
-        self.split.add_class("igrpn-split")
-        self.case.add_class("igrpn-case")
-        self.viewer = None
-        self.widget = widgets.VBox([widgets.HBox([self.split, self.case]), widgets.HTML("")])
-        self.split.observe(self._on_split, names="value")
-        self.case.observe(self._on_case, names="value")
-        self._on_split()
-
-    def _on_split(self, _change=None) -> None:
-        ids = [str(c) for c in self.manifest.loc[self.manifest["split"].astype(str) == self.split.value, "case_id"]]
-        self.case.options = ids
-        self.case.value = ids[0] if ids else None  # shows the first case (through ``_on_case``)
-
-    def _on_case(self, _change=None) -> None:
-        from igrpn.data import load_case
-
-        if self.case.value is None:
-            return
-        row = self.manifest[self.manifest["case_id"].astype(str) == self.case.value].iloc[0]
-        case = load_case(row, self.spacing_mm)
-        self.viewer = SliceViewer.from_case(case, predictions=self.predictions)
-        self.widget.children = (self.widget.children[0], self.viewer.widget)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
-
-
-def browse_manifest(manifest_path, spacing_mm: float, predictions=None) -> ManifestBrowser:
-    """Case picker (split, then case) over a manifest with a ``SliceViewer`` of the chosen case."""
-    return ManifestBrowser(manifest_path, spacing_mm, predictions)
-
-
 # ---------------------------------------------------------------------------- data set summary
 
 
@@ -1474,3 +1027,20 @@ def load_demo_case(manifest=None, spacing_mm: float = 2.6, case_index: int = 0, 
     return data.Case(case_id=f"phantom_seed{phantom_seed}", volume=grid_volume, affine=grid_affine,
                      landmarks_mm=landmarks_mm, landmarks_vox=data.world_to_voxel(landmarks_mm, grid_affine),
                      split="")
+
+
+# ---------------------------------------------------------------------------- the viewer, re-exported
+
+#: Names of ``igrpn.viewer`` that this module has always offered (or offers for convenience).
+_VIEWER_NAMES = frozenset({"encode_png", "render_slices", "landmark_summary", "candidate_table",
+                           "SliceViewer", "ManifestBrowser", "browse_manifest", "save_viewer_screenshot"})
+
+
+def __getattr__(name: str):
+    # imported on first use: igrpn.viewer imports this module's helpers, so importing it at the
+    # top would be circular
+    if name in _VIEWER_NAMES:
+        from igrpn import viewer
+
+        return getattr(viewer, name)
+    raise AttributeError(f"module 'igrpn.viz' has no attribute {name!r}")

@@ -1,62 +1,33 @@
 """The slice viewer served by Voilà and driven in a real browser (headless system Chromium).
 
 Serves a parameterised copy of ``notebooks/viewer.ipynb`` (a one-volume synthetic data set and a
-predictions CSV fabricated from its ground truth — only for this test), moves a slider with the
-keyboard and compares screenshots of the image widget: the displayed planes change and the
-boxes' colours (red ground truth, blue predictions) are on screen.
+predictions CSV fabricated from its ground truth — only for this test) through the library's own
+path (``igrpn.viewer.serve_voila`` / ``chromium_page``), and drives it as a user would: a slider
+moved with the keyboard, a click at a known pixel of one plane, the mouse wheel and the arrow
+keys over a plane, the window / level controls and their reset, a click on a row of the
+candidate table; and ``save_viewer_screenshot`` writes a picture of the page.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from igrpn import viewer as viewer_module
+
 pytestmark = pytest.mark.browser
 
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK = REPO / "notebooks" / "viewer.ipynb"
-CHROMIUM = Path("/usr/lib/chromium/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--no-first-run"]
-VOILA = Path(sys.executable).with_name("voila")
+if viewer_module.browser_missing():
+    pytest.skip(viewer_module.browser_missing(), allow_module_level=True)
+
 PROFILE = "smoke"
+SHAPE = (36, 40, 32)  # not a cube, so the three panels differ in width
+LANDMARKS_VOX = np.array([[21, 22, 18], [18, 23, 20], [15, 22, 18], [18, 26, 14], [18, 23, 9]], float)
 
 
-def _missing() -> str | None:
-    """Why the browser test cannot run here, or None."""
-    if not CHROMIUM.exists():
-        return f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)"
-    if importlib.util.find_spec("playwright") is None:
-        return "playwright is not installed (pip install playwright; no browser download needed)"
-    if not VOILA.exists() and shutil.which("voila") is None:
-        return "voila is not installed (pip install voila)"
-    return None
-
-
-if _missing():
-    pytest.skip(_missing(), allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _write_inputs(folder: Path) -> tuple[Path, tuple[int, int, int]]:
+def _write_inputs(folder):
     """A one-volume data set, a fabricated predictions CSV and a parameterised viewer notebook.
 
     The volume is noise with a bright blob at each landmark, written as NIfTI and listed in a
@@ -65,27 +36,22 @@ def _write_inputs(folder: Path) -> tuple[Path, tuple[int, int, int]]:
     away) are made up from the ground truth, only for this test.
 
     Returns:
-        (the notebook's path, the shape of the volume it shows).
+        (the notebook's path, the ``Case`` it shows, the predictions, the parameters).
     """
-    import nbformat
     import nibabel as nib
     import pandas as pd
-    from papermill.iorw import load_notebook_node
-    from papermill.parameterize import parameterize_notebook
 
     from igrpn import config, data
 
     spacing = config.get_profile(PROFILE).spacing_mm
-    shape = (36, 40, 32)  # not a cube, so the three panels differ in width
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = [-90.0, -100.0, -80.0]
-    landmarks_vox = np.array([[21, 22, 18], [18, 23, 20], [15, 22, 18], [18, 26, 14], [18, 23, 9]], float)
-    volume = np.random.default_rng(0).normal(100, 20, size=shape)
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
-    for point in landmarks_vox:
+    volume = np.random.default_rng(0).normal(100, 20, size=SHAPE)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), axis=-1)
+    for point in LANDMARKS_VOX:
         volume += 150 * np.exp(-((grid - point) ** 2).sum(-1) / 4.0)
     nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), folder / "case0.nii.gz")
-    landmarks_mm = data.voxel_to_world(landmarks_vox, affine)
+    landmarks_mm = data.voxel_to_world(LANDMARKS_VOX, affine)
     row = {"case_id": "case0", "image": "case0.nii.gz", "split": "test"}
     row.update({f"{name}_{axis}": landmarks_mm[n, a] for n, name in enumerate(config.LANDMARKS)
                 for a, axis in enumerate("xyz")})
@@ -102,56 +68,33 @@ def _write_inputs(folder: Path) -> tuple[Path, tuple[int, int, int]]:
                          "z": world[2], "i": voxel[0], "j": voxel[1], "k": voxel[2],
                          "w": config.GT_BOX_MM[n], "h": config.GT_BOX_MM[n], "d": config.GT_BOX_MM[n]})
     (folder / "report" / "predictions").mkdir(parents=True)
-    pd.DataFrame(rows).to_csv(folder / "report" / "predictions" / "rpn_ib_prior.csv", index=False)
+    predictions = pd.DataFrame(rows)
+    predictions.to_csv(folder / "report" / "predictions" / "rpn_ib_prior.csv", index=False)
+    parameters = {"profile": PROFILE, "manifest": str(folder / "manifest.csv"),
+                  "report_dir": str(folder / "report"), "method": "rpn_ib", "split": "test", "case_index": 0}
+    return viewer_module.viewer_notebook(folder, **parameters), case, predictions, parameters
 
-    notebook = parameterize_notebook(load_notebook_node(str(NOTEBOOK)), {
-        "profile": PROFILE, "manifest": str(folder / "manifest.csv"), "report_dir": str(folder / "report"),
-        "method": "rpn_ib", "split": "test", "case_index": 0})
-    path = folder / "viewer.ipynb"
-    nbformat.write(notebook, path)
-    return path, case.volume.shape
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The parameterised viewer served by Voilà for the whole module (each page: a new kernel).
+
+    Yields:
+        ``(base URL, case, predictions, parameters)``.
+    """
+    folder = tmp_path_factory.mktemp("viewer")
+    notebook, case, predictions, parameters = _write_inputs(folder)
+    with viewer_module.serve_voila(notebook) as url:
+        yield url, case, predictions, parameters
 
 
 @pytest.fixture
-def voila_url(tmp_path):
-    """Serve the parameterised viewer with Voilà on a free port; stop its process group after.
-
-    Yields:
-        (base URL, shape of the displayed volume).
-    """
-    notebook, shape = _write_inputs(tmp_path)
-    port = _free_port()
-    log = open(tmp_path / "voila.log", "wb")
-    voila = str(VOILA) if VOILA.exists() else shutil.which("voila")
-    process = subprocess.Popen(
-        [voila, str(notebook), f"--port={port}", "--no-browser", "--Voila.ip=127.0.0.1",
-         "--VoilaConfiguration.extension_denylist=['@jupyter-notebook/lab-extension']"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "JUPYTER_PLATFORM_DIRS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # any HTTP answer from a static URL means the server is up
-            if process.poll() is not None:
-                pytest.fail(f"voila exited with {process.returncode}:\n{(tmp_path / 'voila.log').read_text()}")
-            try:
-                urllib.request.urlopen(f"{url}/voila/static/x", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("voila did not answer within 60 s")
-                time.sleep(0.3)
-        yield url, shape
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server and the kernel it started
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+def page(served):
+    """A fresh browser page on the served viewer, its image drawn; yields (page, image, served)."""
+    url = served[0]
+    with viewer_module.chromium_page(url) as page:
+        image = viewer_module.open_viewer_page(page, url)
+        yield page, image, served
 
 
 def _screenshot(locator) -> np.ndarray:
@@ -164,44 +107,50 @@ def _pixels(image: np.ndarray, colour, tolerance: int = 40) -> int:
     return int((np.abs(image - np.asarray(colour)) <= tolerance).all(axis=-1).sum())
 
 
-def test_slider_redraws_the_planes_in_the_browser(voila_url):
-    from playwright.sync_api import sync_playwright
+def _layout(case) -> viewer_module.PanelLayout:
+    """Where the planes lie in the image at the viewer's default zoom (display_size 320)."""
+    return viewer_module.PanelLayout(case.volume.shape, max(1, 320 // max(case.volume.shape)))
 
+
+def _slider_values(page) -> tuple[int, int, int]:
+    return tuple(int(float(page.locator(f".igrpn-slider-{letter} .noUi-handle").get_attribute("aria-valuenow")))
+                 for letter in "ijk")
+
+
+def _wait_for_point(page, point, timeout_ms: int = 20_000) -> None:
+    """Wait until the three sliders read ``point`` (the kernel has answered the event)."""
+    page.wait_for_function(
+        """target => ['i', 'j', 'k'].every((letter, n) => {
+               const handle = document.querySelector(`.igrpn-slider-${letter} .noUi-handle`);
+               return handle && Math.round(Number(handle.getAttribute('aria-valuenow'))) === target[n];
+           })""", arg=[int(v) for v in point], timeout=timeout_ms)
+
+
+def _wait_for_redraw(page, image, old_source: str, timeout_ms: int = 20_000) -> None:
+    page.wait_for_function("([img, old]) => img.src !== old && img.complete && img.naturalWidth > 0",
+                           arg=[image.element_handle(), old_source], timeout=timeout_ms)
+
+
+def test_slider_redraws_the_planes_in_the_browser(page):
     from igrpn import viz
 
-    base_url, shape = voila_url
+    page, image, (_, case, _, _) = page
+    before = _screenshot(image)
+    source = image.get_attribute("src")
+    handle = page.locator(".igrpn-slider-i .noUi-handle")
+    start = int(float(handle.get_attribute("aria-valuenow")))
+    handle.focus()
+    page.keyboard.press("Home")  # plane i to 0: one step, one redraw
+    _wait_for_redraw(page, image, source)
+    assert int(float(handle.get_attribute("aria-valuenow"))) == 0 != start
+    after = _screenshot(image)
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            # only the local server: Voilà's page asks a CDN for a font
-            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base_url)
-                       else route.abort())
-            page.goto(f"{base_url}/", timeout=60_000)
-            image = page.locator(".igrpn-slices img, img.igrpn-slices").first
-            image.wait_for(state="visible", timeout=60_000)
-            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
-            before = _screenshot(image)
-            source = image.get_attribute("src")
-
-            handle = page.locator(".igrpn-slider-i .noUi-handle")
-            start = int(float(handle.get_attribute("aria-valuenow")))
-            handle.focus()
-            page.keyboard.press("Home")  # plane i to 0: one step, one redraw
-            page.wait_for_function(
-                "([img, old]) => img.src !== old && img.complete && img.naturalWidth > 0",
-                arg=[image.element_handle(), source], timeout=20_000)
-            assert int(float(handle.get_attribute("aria-valuenow"))) == 0 != start
-            after = _screenshot(image)
-        finally:
-            browser.close()
-
-    # the image is shown at its natural size: the sagittal panel (j × k) is the first Y·scale columns
-    scale = max(1, 256 // max(shape))
-    assert before.shape == after.shape
-    assert before.shape[1] == (shape[1] + 2 * shape[0]) * scale + 2 * 4
-    sagittal_width = shape[1] * scale
+    # the image is shown at its natural size (no resampling): the layout's size (a fractional
+    # position on the page may add one row to the element's screenshot)
+    layout = _layout(case)
+    assert before.shape == after.shape and before.shape[1] == layout.size[1]
+    assert layout.size[0] <= before.shape[0] <= layout.size[0] + 1
+    sagittal_width = layout.panel(0)[4]
     assert np.abs(before[:, :sagittal_width] - after[:, :sagittal_width]).mean() > 2.0
     # the planes through the face centre cut ground-truth (red) and predicted (blue) boxes
     assert _pixels(before, viz.BOX_COLOURS["gt"]) > 50
@@ -209,3 +158,108 @@ def test_slider_redraws_the_planes_in_the_browser(voila_url):
     # at i = 0 the sagittal plane misses every box; the two other planes still cut them
     assert _pixels(after[:, :sagittal_width], viz.BOX_COLOURS["gt"]) == 0
     assert _pixels(after[:, sagittal_width:], viz.BOX_COLOURS["gt"]) > 50
+
+
+def test_click_in_one_plane_moves_the_other_two(page):
+    page, image, (_, case, _, _) = page
+    start = _slider_values(page)
+    target = (start[0], 5, 7)  # a voxel of the sagittal plane (i fixed): j = 5, k = 7
+    x, y = _layout(case).voxel_to_pixel(0, target)
+    image.click(position={"x": x, "y": y})
+    _wait_for_point(page, target)
+    assert _slider_values(page) == target
+    # the status line gives the new crosshair's world position through the case's affine (mm)
+    world = case.affine[:3, :3] @ np.asarray(target, float) + case.affine[:3, 3]
+    status = page.locator(".igrpn-status").inner_text()
+    assert f"({world[0]:.1f}, {world[1]:.1f}, {world[2]:.1f}) mm" in status
+
+    # a click in the axial plane (k fixed) moves i and j and leaves k
+    second = (30, 2, 7)
+    x, y = _layout(case).voxel_to_pixel(2, second)
+    image.click(position={"x": x, "y": y})
+    _wait_for_point(page, second)
+
+
+def test_wheel_and_arrow_keys_step_the_plane_under_the_mouse(page):
+    page, image, (_, case, _, _) = page
+    i, j, k = _slider_values(page)
+    x, y = _layout(case).voxel_to_pixel(2, (i, j, k))  # over the axial panel
+    image.hover(position={"x": x, "y": y})
+    page.mouse.wheel(0, -100)  # wheel up: the next slice
+    _wait_for_point(page, (i, j, k + 1))
+    page.mouse.wheel(0, 100)
+    page.mouse.wheel(0, 100)
+    _wait_for_point(page, (i, j, k - 1))
+    page.keyboard.press("ArrowUp")  # the keys step the plane under the mouse too
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("ArrowUp")
+    _wait_for_point(page, (i, j, k + 2))
+    x, y = _layout(case).voxel_to_pixel(1, (i, j, k + 2))  # now over the coronal panel
+    image.hover(position={"x": x, "y": y})
+    page.keyboard.press("PageDown")
+    _wait_for_point(page, (i, j - 5, k + 2))
+
+
+def test_window_level_changes_the_intensities_and_resets(page):
+    page, image, (_, case, _, _) = page
+    layout = _layout(case)
+    sagittal = (slice(0, case.volume.shape[2] * layout.scale), slice(0, layout.panel(0)[4]))
+    before = _screenshot(image)
+    source = image.get_attribute("src")
+    handle = page.locator(".igrpn-level .noUi-handle")
+    handle.focus()
+    page.keyboard.press("End")  # level to the volume's maximum: almost everything below the window
+    _wait_for_redraw(page, image, source)
+    darker = _screenshot(image)
+    assert darker[sagittal].mean() < before[sagittal].mean() - 30
+
+    source = image.get_attribute("src")
+    page.locator(".igrpn-wl-reset button, button.igrpn-wl-reset").first.click()
+    _wait_for_redraw(page, image, source)
+    assert np.array_equal(_screenshot(image), before)  # the default window again, pixel for pixel
+
+    source = image.get_attribute("src")
+    handle = page.locator(".igrpn-window .noUi-handle")
+    handle.focus()
+    page.keyboard.press("Home")  # the narrowest window: nearly black and white
+    _wait_for_redraw(page, image, source)
+    narrow = _screenshot(image)[sagittal][..., 0]
+    grey = before[sagittal][..., 0]
+    extreme = lambda values: np.mean((values < 10) | (values > 245))  # noqa: E731
+    assert extreme(narrow) > extreme(grey) + 0.2
+
+
+def test_candidate_row_moves_the_planes_to_its_centre(page):
+    page, image, (_, case, predictions, _) = page
+    # the table as the served notebook builds it (predictions re-expressed on the case's grid)
+    table = viewer_module.SliceViewer.from_case(case, predictions=predictions).candidates
+    spacing = float(viewer_module.voxel_spacing(case.affine).mean())
+    # the nose tip's second candidate: 6 voxels from its ground truth along j
+    n = table.index[(table["landmark"] == "nose_tip") & (table["kind"] == "candidate")][0]
+    centre = tuple(int(v) for v in np.rint(table.loc[n, ["i", "j", "k"]].to_numpy(float)))
+    assert centre != _slider_values(page)
+    row = page.locator(f".igrpn-candidate-{n}")
+    assert f"{6 * spacing:.1f}" in row.inner_text()  # its distance to the GT, mm
+    row.click()
+    _wait_for_point(page, centre)
+    # the row of the ground truth itself leads back to the landmark
+    gt_row = table.index[(table["landmark"] == "nose_tip") & (table["kind"] == "ground truth")][0]
+    page.locator(f".igrpn-candidate-{gt_row}").click()
+    _wait_for_point(page, tuple(int(v) for v in np.rint(case.landmarks_vox[3])))
+
+
+def test_save_viewer_screenshot_writes_the_page(served, tmp_path):
+    import matplotlib.image as mpimg
+
+    from igrpn import viz
+
+    _, case, _, parameters = served
+    path = viewer_module.save_viewer_screenshot(
+        tmp_path / "figures" / "viewer.png", profile=parameters["profile"], manifest=parameters["manifest"],
+        report_dir=parameters["report_dir"], method=parameters["method"])
+    assert path == tmp_path / "figures" / "viewer.png" and path.exists()
+    picture = np.rint(mpimg.imread(path)[..., :3] * 255).astype(int)
+    # the whole widget: wider than the planes, taller than planes + controls, boxes of both kinds
+    height, width = _layout(case).size
+    assert picture.shape[1] >= width and picture.shape[0] > height + 200
+    assert _pixels(picture, viz.BOX_COLOURS["gt"]) > 50 and _pixels(picture, viz.BOX_COLOURS["pred"]) > 50
