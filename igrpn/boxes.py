@@ -206,11 +206,47 @@ def decode(deltas: Tensor, anchors: Tensor, clamp: float = DEFAULT_SIZE_CLAMP) -
     return torch.cat([centre, size], dim=-1)
 
 
-def make_anchors(grid_shape, stride: int, sizes_vox) -> Tensor:
+#: Modes of :func:`anchor_shapes`.
+ANCHOR_MODES: tuple[str, ...] = ("combinations", "cubes")
+
+
+def anchor_shapes(sizes_vox, mode: str = "combinations") -> Tensor:
+    """The (w, h, d) edges of one cell's anchors, voxels.
+
+    ``"combinations"`` (the paper's "4 base sizes in each spatial dimension"): every (w, h, d)
+    combination of the base sizes, ``S³`` shapes with index ``(iw·S + ih)·S + id``; ``"cubes"``:
+    one cube per base size, ``S`` shapes (every GT box is a cube, so the other ``S³ − S`` shapes
+    can never match one better than the nearest cube).
+
+    Args:
+        sizes_vox: S base sizes, voxels.
+        mode: one of :data:`ANCHOR_MODES`.
+
+    Returns:
+        (A, 3) float32, A = S³ or S.
+    """
+    if mode not in ANCHOR_MODES:
+        raise ValueError(f"anchor_shapes: mode must be one of {list(ANCHOR_MODES)}, got {mode!r}")
+    sizes = torch.as_tensor(sizes_vox, dtype=torch.float32).reshape(-1)
+    if sizes.numel() == 0 or bool((sizes <= 0).any()):
+        raise ValueError(f"anchor_shapes: sizes_vox must be non-empty and positive, got {sizes_vox}")
+    if mode == "cubes":
+        return sizes[:, None].expand(-1, 3).contiguous()
+    return torch.stack(torch.meshgrid(sizes, sizes, sizes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def anchors_per_cell(num_sizes: int, mode: str = "combinations") -> int:
+    """Anchors of one cell for ``num_sizes`` base sizes (:func:`anchor_shapes`)."""
+    if mode not in ANCHOR_MODES:
+        raise ValueError(f"anchors_per_cell: mode must be one of {list(ANCHOR_MODES)}, got {mode!r}")
+    return int(num_sizes) ** 3 if mode == "combinations" else int(num_sizes)
+
+
+def make_anchors(grid_shape, stride: int, sizes_vox, mode: str = "combinations") -> Tensor:
     """Anchors of a feature grid, centre form, voxels.
 
-    Every cell carries ``A = len(sizes_vox)**3`` anchors: every (w, h, d) combination of the base
-    sizes. The cell ``(i, j, k)`` covers voxels ``[stride·i, stride·i + stride − 1]`` (likewise j, k)
+    Every cell carries the ``A`` anchors of :func:`anchor_shapes` (``mode``): by default
+    ``len(sizes_vox)**3``, every (w, h, d) combination of the base sizes. The cell ``(i, j, k)`` covers voxels ``[stride·i, stride·i + stride − 1]`` (likewise j, k)
     of the input, so its centre is ``stride·index + (stride − 1) / 2``.
 
     Ordering is cell-major, anchor-minor: row ``cell·A + a`` with ``cell = (i·Y + j)·Z + k`` (C
@@ -222,6 +258,7 @@ def make_anchors(grid_shape, stride: int, sizes_vox) -> Tensor:
         grid_shape: (X, Y, Z) cells of the feature map.
         stride: input voxels per cell along each axis.
         sizes_vox: S base sizes, voxels.
+        mode: ``"combinations"`` or ``"cubes"`` (:func:`anchor_shapes`).
 
     Returns:
         (X·Y·Z·A, 6) float32.
@@ -231,12 +268,9 @@ def make_anchors(grid_shape, stride: int, sizes_vox) -> Tensor:
         raise ValueError(f"make_anchors: grid_shape must be 3 positive ints, got {grid_shape}")
     if stride < 1:
         raise ValueError(f"make_anchors: stride must be >= 1, got {stride}")
-    sizes = torch.as_tensor(sizes_vox, dtype=torch.float32).reshape(-1)
-    if sizes.numel() == 0 or bool((sizes <= 0).any()):
-        raise ValueError(f"make_anchors: sizes_vox must be non-empty and positive, got {sizes_vox}")
+    shapes = anchor_shapes(sizes_vox, mode)[None]  # (1, A, 3)
     axes = [torch.arange(n, dtype=torch.float32) * stride + (stride - 1) / 2 for n in grid_shape]
     centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 1, 3)
-    shapes = torch.stack(torch.meshgrid(sizes, sizes, sizes, indexing="ij"), dim=-1).reshape(1, -1, 3)
     num_cells, num_shapes = centres.shape[0], shapes.shape[1]
     anchors = torch.cat(
         [centres.expand(num_cells, num_shapes, 3), shapes.expand(num_cells, num_shapes, 3)], dim=-1
@@ -267,8 +301,9 @@ def landmark_boxes(landmarks_vox: Tensor, box_vox) -> Tensor:
     return torch.cat([landmarks_vox, sizes], dim=-1)
 
 
-def grid_anchors_near(boxes_corner: Tensor, grid_shape, stride: int, sizes_vox, min_iou: float = 0.0) -> Tensor:
-    """Rows of ``make_anchors(grid_shape, stride, sizes_vox)`` that may reach an IoU of at least
+def grid_anchors_near(boxes_corner: Tensor, grid_shape, stride: int, sizes_vox, min_iou: float = 0.0,
+                      mode: str = "combinations") -> Tensor:
+    """Rows of ``make_anchors(grid_shape, stride, sizes_vox, mode)`` that may reach an IoU of at least
     ``min_iou`` with one of the boxes (``min_iou = 0``: that overlap one at all).
 
     Along an axis an anchor of edge ``a`` and a box of edge ``g`` whose centres are ``δ`` apart
@@ -280,7 +315,7 @@ def grid_anchors_near(boxes_corner: Tensor, grid_shape, stride: int, sizes_vox, 
 
     Args:
         boxes_corner: (G, 6) corner form, voxels.
-        grid_shape, stride, sizes_vox: as for :func:`make_anchors`.
+        grid_shape, stride, sizes_vox, mode: as for :func:`make_anchors`.
         min_iou: τ in [0, 1).
 
     Returns:
@@ -290,9 +325,8 @@ def grid_anchors_near(boxes_corner: Tensor, grid_shape, stride: int, sizes_vox, 
     if not 0.0 <= min_iou < 1.0:
         raise ValueError(f"grid_anchors_near: min_iou must be in [0, 1), got {min_iou}")
     grid_shape = tuple(int(g) for g in grid_shape)
-    sizes = torch.as_tensor(sizes_vox, dtype=torch.float64).reshape(-1)
-    per_cell = sizes.numel() ** 3
-    shapes = torch.stack(torch.meshgrid(sizes, sizes, sizes, indexing="ij"), dim=-1).reshape(-1, 3)  # (A, 3)
+    shapes = anchor_shapes(sizes_vox, mode).double()  # (A, 3)
+    per_cell = shapes.shape[0]
     offset = (stride - 1) / 2  # centre of cell 0 (make_anchors)
     near = torch.zeros(grid_shape, dtype=torch.bool)
     for box in boxes_corner.detach().cpu().double():
@@ -406,6 +440,54 @@ def _labels_from_iou(iou: Tensor, gt_labels: Tensor, pos_iou: float, neg_iou: fl
         matched_gt[forced] = forced_gt
         labels[forced] = gt_labels[forced_gt]
     return labels, matched_gt
+
+
+def atss_positives(anchors: Tensor, gt_centre: Tensor, group_size: int, num_cells: int) -> tuple[Tensor, Tensor]:
+    """Adaptive training-sample selection (ATSS, Zhang et al., CVPR 2020) on one feature grid.
+
+    For each GT box the candidates are the anchors of the ``num_cells`` cells whose centres lie
+    nearest its centre; its IoU threshold is the mean plus the standard deviation of their IoUs,
+    so a small box (an eye) gets as many positives as a large one. A candidate is positive when
+    its IoU reaches the threshold or is the best among them (and is > 0) and its centre lies
+    inside the GT box; an anchor positive for several GTs takes the one it overlaps most.
+
+    Args:
+        anchors: (A, 6) centre form, voxels, ``group_size`` consecutive rows per cell sharing a
+            centre (:func:`make_anchors`' order).
+        gt_centre: (G, 6) centre form, voxels.
+        group_size: anchors per cell.
+        num_cells: nearest cells per GT.
+
+    Returns:
+        ``anchor_index`` (P,) int64 and ``gt_index`` (P,) int64 of the positives, each anchor once.
+    """
+    _check_boxes(anchors, "anchors", "atss_positives", ndim=2)
+    _check_boxes(gt_centre, "gt_centre", "atss_positives", ndim=2)
+    if group_size < 1 or anchors.shape[0] % group_size:
+        raise ValueError(f"atss_positives: {anchors.shape[0]} anchors are not whole cells of {group_size}")
+    if num_cells < 1:
+        raise ValueError(f"atss_positives: num_cells must be >= 1, got {num_cells}")
+    cell_centres = anchors[::group_size, :3]
+    num_cells = min(int(num_cells), cell_centres.shape[0])
+    anchors_corner = centre_to_corner(anchors)
+    gt_corner = centre_to_corner(gt_centre)
+    best_iou = torch.zeros(anchors.shape[0], device=anchors.device)
+    best_gt = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+    for g in range(gt_centre.shape[0]):
+        nearest = (cell_centres - gt_centre[g, :3]).square().sum(dim=1).topk(num_cells, largest=False).indices
+        candidates = group_members(nearest.sort().values, group_size)
+        iou = box_iou(anchors_corner[candidates], gt_corner[g:g + 1])[:, 0]
+        threshold = iou.mean() + iou.std(correction=0)
+        centre = anchors[candidates, :3]
+        inside = ((centre >= gt_corner[g, :3]) & (centre <= gt_corner[g, 3:])).all(dim=1)
+        # The best candidate always qualifies (with two candidates mean + std is their maximum).
+        chosen = ((iou >= threshold) | (iou == iou.max())) & (iou > 0) & inside
+        # Conflicts: the GT with the larger IoU keeps the anchor.
+        wins = chosen & (iou > best_iou[candidates])
+        best_iou[candidates[wins]] = iou[wins]
+        best_gt[candidates[wins]] = g
+    anchor_index = torch.nonzero(best_gt >= 0).flatten()
+    return anchor_index, best_gt[anchor_index]
 
 
 def sample_balanced(

@@ -29,7 +29,11 @@ ANCHOR_SIZES_MM: tuple[float, ...] = tuple(round(n * PAPER_SPACING_MM, 4) for n 
 
 METHODS: tuple[str, ...] = ("rpn", "ssd", "faster_rcnn", "heatmap")
 #: Values of ``Profile.classification_anchors`` and ``Profile.optimizer``.
-CLASSIFICATION_ANCHORS: tuple[str, ...] = ("sampled", "all", "hard_pool")
+CLASSIFICATION_ANCHORS: tuple[str, ...] = ("sampled", "all", "hard_pool", "near_face")
+#: Values of ``Profile.matcher``.
+MATCHERS: tuple[str, ...] = ("iou", "atss")
+#: Values of ``Profile.anchor_shapes`` (igrpn.boxes.ANCHOR_MODES).
+ANCHOR_SHAPES: tuple[str, ...] = ("combinations", "cubes")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 
 
@@ -48,6 +52,11 @@ class Profile:
     weight_decay: float = 1e-4
     val_fraction: float = 0.1  # of the training split, held out for validation
     anchor_sizes_mm: tuple[float, ...] = ANCHOR_SIZES_MM
+    #: ``"combinations"`` (the paper: every (w, h, d) of the base sizes, 4³ = 64 per cell) or
+    #: ``"cubes"`` (one cube per base size, 4 per cell; every GT box is a cube) — igrpn.boxes.anchor_shapes
+    anchor_shapes: str = "combinations"
+    #: 3×3×3 convolutions of the RPN head: the paper's 1, or more with GroupNorm (RetinaNet's heads have 4)
+    head_convs: int = 1
     gt_box_mm: tuple[float, ...] = GT_BOX_MM
     #: edge of a detection feature cell: the paper's stride 4 at 1.3 mm (see model.detection_stride)
     feature_stride_mm: float = 4 * PAPER_SPACING_MM
@@ -63,12 +72,22 @@ class Profile:
     #: (RetinaNet, on which the IoU-balanced loss's own paper builds); ``"hard_pool"`` — the
     #: positives as ``"sampled"``, the negatives drawn at random among the ``hard_negative_pool`` ×
     #: as many background anchors scored most like a landmark (MONAI's and nnDetection's sampler).
+    #: ``"near_face"`` — the positives as ``"sampled"``, the share ``near_face_fraction`` of the
+    #: negatives drawn among the background anchors centred in a GT box grown by ``near_face_mm``
+    #: on every side, the rest among all (negatives stratified on and near the face).
     classification_anchors: str = "sampled"
+    near_face_fraction: float = 0.5
+    near_face_mm: float = 20.0
     focal_gamma: float = 2.0
     hard_negative_pool: int = 20
     #: ``"adamw"`` (AdamW, ``lr``, ``weight_decay``) or ``"sgd"`` (momentum 0.9, Nesterov, as
     #: nnDetection and MONAI's detection tutorials train); both with warm-up and cosine decay.
     optimizer: str = "adamw"
+    #: Anchor labels: ``"iou"`` (the paper: positive above ``pos_iou`` or a GT's best anchor) or
+    #: ``"atss"`` (positives by adaptive training-sample selection over the ``atss_cells`` cells
+    #: nearest each GT, igrpn.boxes.atss_positives; negatives as the paper's)
+    matcher: str = "iou"
+    atss_cells: int = 4
     pos_iou: float = 0.5
     neg_iou: float = 0.25
     eta: float = 1.75  # IoU-balance exponent
@@ -85,7 +104,7 @@ class Profile:
     #: on a true eye, below look-alikes elsewhere. False: the paper's two independent classes.
     merge_mirror_pairs: bool = True
     #: Train forward and loss under bf16 autocast where the device computes bf16 natively (CUDA
-    #: Ampere+, CPUs with AMX or AVX512-BF16; igrpn.distributed.mixed_precision); fp32 elsewhere.
+    #: Ampere+, CPUs with AMX; igrpn.distributed.mixed_precision); fp32 elsewhere.
     #: Weights, optimiser and inference stay fp32.
     mixed_precision: bool = True
     # Synthetic data set generated when missing (phantom grid and spacing, number of volumes).
@@ -107,6 +126,18 @@ class Profile:
         if self.classification_anchors not in CLASSIFICATION_ANCHORS:
             raise ValueError(f"profile {self.name!r}: classification_anchors must be one of "
                              f"{list(CLASSIFICATION_ANCHORS)}, got {self.classification_anchors!r}")
+        if not 0.0 <= self.near_face_fraction <= 1.0 or not self.near_face_mm >= 0:
+            raise ValueError(f"profile {self.name!r}: near_face_fraction must be in [0, 1] and near_face_mm >= 0, "
+                             f"got {self.near_face_fraction!r} and {self.near_face_mm!r}")
+        if self.matcher not in MATCHERS:
+            raise ValueError(f"profile {self.name!r}: matcher must be one of {list(MATCHERS)}, got {self.matcher!r}")
+        if int(self.atss_cells) != self.atss_cells or self.atss_cells < 1:
+            raise ValueError(f"profile {self.name!r}: atss_cells must be a positive integer, got {self.atss_cells!r}")
+        if self.anchor_shapes not in ANCHOR_SHAPES:
+            raise ValueError(f"profile {self.name!r}: anchor_shapes must be one of {list(ANCHOR_SHAPES)}, "
+                             f"got {self.anchor_shapes!r}")
+        if int(self.head_convs) != self.head_convs or self.head_convs < 1:
+            raise ValueError(f"profile {self.name!r}: head_convs must be a positive integer, got {self.head_convs!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"profile {self.name!r}: optimizer must be one of {list(OPTIMIZERS)}, "
                              f"got {self.optimizer!r}")
@@ -176,7 +207,8 @@ class Profile:
 #: Fields added later that change no network or training when left at their defaults: a profile
 #: stored without them (an older checkpoint) still loads.
 _FIELDS_WITH_SAFE_DEFAULTS = {"epochs_by_method", "settings_by_method", "classification_anchors", "focal_gamma", "optimizer",
-                              "hard_negative_pool"}
+                              "hard_negative_pool", "anchor_shapes", "head_convs",
+                              "near_face_fraction", "near_face_mm", "matcher", "atss_cells"}
 
 
 PROFILES: dict[str, Profile] = {

@@ -115,15 +115,29 @@ def append_row(row: dict, path: Path) -> None:
         raise
 
 
-def run_one(name: str, overrides: dict, method: str, iou_balance: bool, seed: int, budget_s: float,
-            manifest: Path, out_root: Path, log_path: Path, base: str = "cpu", note: str = "",
-            validate_every: int = 2, progress: bool = True) -> dict:
-    """Train one configuration for ``budget_s`` seconds, score it on validation, log the row."""
-    from igrpn import train as training
-
-    profile = dataclasses.replace(get_profile(base), **overrides)
+def run_profile(base: str, method: str, overrides: dict) -> Profile:
+    """The profile a run trains: ``base`` with ``method``'s own settings, then ``overrides`` (last,
+    so that ``--set lr=…`` also changes a field the method's settings give)."""
+    profile = get_profile(base)
     if method != PEER_METHOD:
         profile = profile.for_method(method)
+    return dataclasses.replace(profile, **overrides)
+
+
+def run_one(name: str, overrides: dict, method: str, iou_balance: bool, seed: int, budget_s: float | None,
+            manifest: Path, out_root: Path, log_path: Path, base: str = "cpu", note: str = "",
+            validate_every: int = 2, progress: bool = True) -> dict:
+    """Train one configuration for ``budget_s`` seconds, score it on validation, log the row.
+
+    ``budget_s=None``: train the profile's epochs instead (``overrides`` may set ``epochs``), a
+    budget in optimiser steps that other jobs on the machine cannot shorten; its row's
+    ``budget_s`` is empty.
+    """
+    from igrpn import train as training
+
+    profile = run_profile(base, method, overrides)
+    if budget_s is None and method == PEER_METHOD:
+        raise ValueError("the peer trains for a wall-clock budget only (--minutes)")
     out_dir = out_root / name / f"seed{seed}"
     if method == PEER_METHOD:
         from igrpn import peer
@@ -137,8 +151,8 @@ def run_one(name: str, overrides: dict, method: str, iou_balance: bool, seed: in
                                     validate_every=validate_every)
         answer = functools.partial(validation_answers, checkpoint)
         steps, train_s = _logged_steps(checkpoint)
-    return _log_run(name, overrides, method, iou_balance, seed, profile, manifest, float(budget_s), steps, train_s,
-                    answer, log_path, note)
+    return _log_run(name, overrides, method, iou_balance, seed, profile, manifest,
+                    float("nan") if budget_s is None else float(budget_s), steps, train_s, answer, log_path, note)
 
 
 def _logged_steps(checkpoint: Path) -> tuple[int, float]:
@@ -233,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a Profile field changed from the base profile (repeatable)")
     parser.add_argument("--base", default="cpu", choices=sorted(config.PROFILES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget of each training")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--minutes", type=float, help="wall-clock budget of each training")
+    budget.add_argument("--epochs", type=int,
+                        help="train this many epochs instead (a step budget, which other jobs on the machine "
+                             "cannot shorten; compare configurations at equal wall-clock by giving each the "
+                             "epochs its quiet step time allows)")
     parser.add_argument("--manifest", default="data_manifest.csv")
     parser.add_argument("--out", default="build/experiments", help="checkpoints and logs (not committed)")
     parser.add_argument("--log", default=str(DEFAULT_LOG), help="the experiments table (default: %(default)s)")
@@ -311,10 +330,14 @@ def main(argv: list[str] | None = None) -> int:
         return score_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.minutes > 0:
+    if args.minutes is not None and not args.minutes > 0:
         parser.error(f"--minutes must be > 0, got {args.minutes}")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
     try:
         overrides = parse_overrides(args.set, get_profile(args.base))
+        if args.epochs is not None:
+            overrides["epochs"] = args.epochs
         dataclasses.replace(get_profile(args.base), **overrides)  # the profile's own checks, before training
     except ValueError as error:
         parser.error(str(error))
@@ -323,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = Path(args.manifest).resolve()
     ensure_dataset(manifest, get_profile(args.base))
     for seed in args.seeds:
-        row = run_one(args.name, overrides, args.method, not args.no_iou_balance, seed, args.minutes * 60, manifest,
+        budget_s = None if args.minutes is None else args.minutes * 60
+        row = run_one(args.name, overrides, args.method, not args.no_iou_balance, seed, budget_s, manifest,
                       Path(args.out), Path(args.log), base=args.base, note=args.note,
                       validate_every=args.validate_every)
         print(f"{args.name} seed {seed}: val d-mean {row['val_d_mean']:.2f} mm, hit50 {row['val_hit50']:.2f}, "

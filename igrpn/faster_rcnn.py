@@ -220,7 +220,7 @@ class FasterRCNNModel(LandmarkModel):
         self.backbone = Backbone(profile.width, stride=detection_stride(profile))
         self.stride = self.backbone.stride
         channels = self.backbone.out_channels
-        self.num_anchors_per_cell = len(profile.anchor_sizes_mm) ** 3
+        self.num_anchors_per_cell = self.anchors_per_cell()
         # Stage one.
         self.rpn_conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
         self.rpn_cls = nn.Conv3d(channels, self.num_anchors_per_cell, kernel_size=1)

@@ -319,9 +319,15 @@ class LandmarkModel(nn.Module):
         sizes = tuple(float(s) for s in (self.anchor_sizes_vox() if sizes_vox is None else sizes_vox))
         key = (tuple(int(g) for g in grid_shape), int(stride), sizes, str(torch.device(device or "cpu")))
         if key not in self._anchor_cache:
-            centre = box_ops.make_anchors(grid_shape, stride, sizes).to(device or "cpu")
+            centre = box_ops.make_anchors(grid_shape, stride, sizes, self.profile.anchor_shapes).to(device or "cpu")
             self._anchor_cache[key] = (centre, box_ops.centre_to_corner(centre))
         return self._anchor_cache[key]
+
+    def anchors_per_cell(self, num_sizes: int | None = None) -> int:
+        """Anchors per feature cell for ``num_sizes`` base sizes (default: the profile's), in the
+        profile's ``anchor_shapes`` mode (:func:`igrpn.boxes.anchor_shapes`)."""
+        num_sizes = len(self.profile.anchor_sizes_mm) if num_sizes is None else num_sizes
+        return box_ops.anchors_per_cell(num_sizes, self.profile.anchor_shapes)
 
     def anchors(self, grid_shape, stride: int, sizes_vox=None, device=None) -> Tensor:
         """Cached :func:`igrpn.boxes.make_anchors` (centre form, voxels) for a feature grid;
@@ -363,8 +369,9 @@ class LandmarkModel(nn.Module):
             grids = key[1] if key[0] == "concat" else ((key[0], key[1], key[2]),)
             parts, offset = [], 0
             for shape, stride, sizes in grids:
-                parts.append(box_ops.grid_anchors_near(gt_corner, shape, stride, sizes, min_iou) + offset)
-                offset += math.prod(shape) * len(sizes) ** 3
+                parts.append(box_ops.grid_anchors_near(gt_corner, shape, stride, sizes, min_iou,
+                                                       self.profile.anchor_shapes) + offset)
+                offset += math.prod(shape) * self.anchors_per_cell(len(sizes))
             return torch.cat(parts).to(anchors.device)
         return None
 
@@ -725,8 +732,14 @@ class RPNModel(LandmarkModel):
         self.backbone = Backbone(profile.width, stride=detection_stride(profile))
         self.stride = self.backbone.stride
         channels = self.backbone.out_channels
-        self.num_anchors_per_cell = len(profile.anchor_sizes_mm) ** 3
+        self.num_anchors_per_cell = self.anchors_per_cell()
         num_outputs = self.num_classes + 1
+        # The paper's head is one 3×3×3 conv; ``head_convs`` > 1 puts [3×3×3 conv, GroupNorm, ReLU]
+        # layers before it, as RetinaNet's heads (beyond the paper).
+        self.head_tower = nn.Sequential(*[layer for _ in range(profile.head_convs - 1) for layer in (
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(_head_groups(channels), channels), nn.ReLU(inplace=True))])
+        self.head_tower.to(memory_format=torch.channels_last_3d)
         self.head_conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
         self.cls_conv = nn.Conv3d(channels, self.num_anchors_per_cell * num_outputs, kernel_size=1)
         self.reg_conv = nn.Conv3d(channels, self.num_anchors_per_cell * 6, kernel_size=1)
@@ -756,7 +769,7 @@ class RPNModel(LandmarkModel):
     def forward(self, volumes: Tensor) -> dict[str, Tensor]:
         """volumes: (N, 1, X, Y, Z), padded here to multiples of 8 (high end)."""
         features = self.backbone(pad_to_multiple(volumes))["features"]
-        hidden = conv3d_relu(self, "head_conv", self.head_conv, features)
+        hidden = conv3d_relu(self, "head_conv", self.head_conv, self.head_tower(features))
         if fast_path_applies(self, hidden):
             # The 1×1×1 heads as matrix products on the channels-last map (no permute-copy); the
             # class logits stored class-major and relative to the background, as the
@@ -792,16 +805,15 @@ class RPNModel(LandmarkModel):
         all_labels = []
         for volume_index, gt_centre in enumerate(gt_centres):
             gt_corner = box_ops.centre_to_corner(gt_centre)
-            labels, matched = box_ops.match_anchors(
-                anchors_corner, gt_corner, gt_labels, self.profile.pos_iou, self.profile.neg_iou,
-                candidates=self.anchors_near(anchors, gt_corner, self.profile.neg_iou),
-            )
+            labels, matched = self._match(anchors, anchors_corner, gt_centre, gt_corner, gt_labels)
             if dense:
                 # Every anchor enters the classification loss; every positive is regressed.
                 all_labels.append(labels)
                 chosen = torch.nonzero(labels > 0).flatten()
             elif self.profile.classification_anchors == "hard_pool":
                 chosen = self._hard_pool_sample(logits[volume_index], labels, generator)
+            elif self.profile.classification_anchors == "near_face":
+                chosen = self._near_face_sample(anchors, labels, gt_corner, generator)
             else:
                 chosen = box_ops.sample_balanced(
                     labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator
@@ -854,6 +866,29 @@ class RPNModel(LandmarkModel):
             "mean_pos_iou": mean_pos_iou.detach(),
         }
 
+    def _match(self, anchors: Tensor, anchors_corner: Tensor, gt_centre: Tensor, gt_corner: Tensor,
+               gt_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Labels (A,) and matched GT (A,) of the anchors of one volume (``profile.matcher``).
+
+        ``"iou"``: the paper's rule (:func:`igrpn.boxes.match_anchors`). ``"atss"``: the positives
+        of :func:`igrpn.boxes.atss_positives` (``profile.atss_cells`` nearest cells), the paper's
+        negatives (IoU < ``neg_iou`` with every GT), every other anchor ignored.
+        """
+        profile = self.profile
+        near = self.anchors_near(anchors, gt_corner, profile.neg_iou)
+        if profile.matcher == "iou":
+            return box_ops.match_anchors(anchors_corner, gt_corner, gt_labels, profile.pos_iou, profile.neg_iou,
+                                         candidates=near)
+        # With both thresholds at neg_iou, label 0 is exactly "IoU < neg_iou with every GT".
+        labels, _ = box_ops.match_anchors(anchors_corner, gt_corner, gt_labels, profile.neg_iou, profile.neg_iou,
+                                          candidates=near)
+        labels = torch.where(labels == 0, 0, -1)
+        matched = torch.zeros_like(labels)
+        positive, gt_index = box_ops.atss_positives(anchors, gt_centre, self.num_anchors_per_cell,
+                                                    profile.atss_cells)
+        labels[positive], matched[positive] = gt_labels[gt_index], gt_index
+        return labels, matched
+
     def _hard_pool_sample(self, volume_logits: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Sampled positives as ``sample_balanced`` draws them, and as many negatives drawn at
         random from the ``hard_negative_pool`` × that many background anchors with the highest
@@ -867,6 +902,35 @@ class RPNModel(LandmarkModel):
                                          profile.hard_negative_pool * num_neg, group_size=self.num_anchors_per_cell)
         pick = torch.randperm(pool.numel(), generator=generator)[:num_neg].to(pool.device)
         return torch.cat([positives, pool[pick]])
+
+    def _near_face_sample(self, anchors: Tensor, labels: Tensor, gt_corner: Tensor,
+                          generator: torch.Generator) -> Tensor:
+        """Sampled positives as ``sample_balanced`` draws them; of the negatives, the share
+        ``near_face_fraction`` drawn at random among the background anchors centred inside a GT box
+        grown by ``near_face_mm`` on every side, the rest among all background anchors.
+
+        Random negatives out of ~10⁶ nearly never fall on the face, where the look-alikes that win
+        the arg-max are; unlike mining by score, this does not pick the classifier's own mistakes.
+        """
+        profile = self.profile
+        positives = box_ops.sample_balanced(torch.where(labels > 0, labels, -1), profile.samples_per_volume,
+                                            profile.positive_fraction, generator)
+        num_neg = profile.samples_per_volume - positives.numel()
+        margin = profile.mm_to_vox(profile.near_face_mm)
+        # The A anchors of a cell share its centre: test the cells, then expand to their anchors.
+        per_cell = self.num_anchors_per_cell
+        cell_centres = anchors[::per_cell, :3]
+        inside = ((cell_centres[:, None] >= gt_corner[None, :, :3] - margin)
+                  & (cell_centres[:, None] <= gt_corner[None, :, 3:] + margin)).all(dim=2).any(dim=1)
+        near = box_ops.group_members(torch.nonzero(inside).flatten(), per_cell)
+        near = near[labels[near] == 0]
+        num_near = min(round(num_neg * profile.near_face_fraction), near.numel())
+        near = near[torch.randperm(near.numel(), generator=generator)[:num_near].to(near.device)]
+        # The rest among every negative not drawn yet (the near ones are set aside, not excluded from the far field).
+        rest_labels = labels.clone()
+        rest_labels[near] = -1
+        rest = box_ops.sample_balanced(torch.where(rest_labels == 0, 0, -1), num_neg - num_near, 0.0, generator)
+        return torch.cat([positives, near, rest])
 
     def _hard_negatives(self, volume_logits: Tensor, labels: Tensor, chosen: Tensor, anchors: Tensor,
                         gt_centre: Tensor) -> Tensor:
@@ -902,6 +966,12 @@ class RPNModel(LandmarkModel):
                                              self.num_anchors_per_cell, self.profile.nms_iou, top_k,
                                              self.mirror_pairs))
         return results
+
+
+def _head_groups(channels: int) -> int:
+    """GroupNorm groups of a head layer: 8 channels per group (at most 32 groups), as RetinaNet's
+    heads use on 256 channels."""
+    return max(1, min(32, channels // 8))
 
 
 def _foreground_log_odds(logits: Tensor) -> Tensor:

@@ -447,8 +447,9 @@ DESIGN_DECISIONS = (
     "training crops), below look-alikes elsewhere, and answered the eyes on the chin. The distance prior "
     "cannot help: distances are the same in a face and its mirror image.",
     "Beyond DESIGN (profile mixed_precision, on): forward and loss train under bf16 autocast where the "
-    "device computes bf16 natively (CUDA Ampere and later, CPUs with AMX or AVX512-BF16); weights, "
-    "optimiser state, losses and inference stay fp32. With anchor matching restricted to the cells near "
+    "device computes bf16 natively (CUDA Ampere and later, CPUs with AMX; not AVX512-BF16 alone, slower "
+    "than fp32 there); weights, optimiser state, losses and inference stay fp32. With anchor matching "
+    "restricted to the cells near "
     "the GT boxes (same labels), a cpu-profile training step became about 3× faster; the time went into "
     "more epochs (docs/accuracy.md).",
     "Tried and left off (Profile.hard_negatives_per_volume = 0 in every profile, the paper's random "

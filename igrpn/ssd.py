@@ -128,20 +128,20 @@ class SSDModel(LandmarkModel):
             ("block4", self.backbone.block_strides[3], tuple(sizes[half:])),
         )
         in_channels = (self.backbone.out_channels, self.backbone.block_channels[3])
-        self.anchors_per_cell = tuple(len(s) ** 3 for _, _, s in self.scales)
+        self.anchors_per_scale = tuple(self.anchors_per_cell(len(s)) for _, _, s in self.scales)
         outputs = self.num_classes + 1
         self.cls_heads = nn.ModuleList(
-            nn.Conv3d(c, a * outputs, kernel_size=3, padding=1) for c, a in zip(in_channels, self.anchors_per_cell)
+            nn.Conv3d(c, a * outputs, kernel_size=3, padding=1) for c, a in zip(in_channels, self.anchors_per_scale)
         )
         self.reg_heads = nn.ModuleList(
-            nn.Conv3d(c, a * 6, kernel_size=3, padding=1) for c, a in zip(in_channels, self.anchors_per_cell)
+            nn.Conv3d(c, a * 6, kernel_size=3, padding=1) for c, a in zip(in_channels, self.anchors_per_scale)
         )
         self._init_heads()
 
     def _init_heads(self) -> None:
         # As the RPN head: every anchor starts at p(background) = 0.99, deltas start near 0.
         background_bias = math.log(self.background_prior * self.num_classes / (1 - self.background_prior))
-        for cls_head, reg_head, anchors in zip(self.cls_heads, self.reg_heads, self.anchors_per_cell):
+        for cls_head, reg_head, anchors in zip(self.cls_heads, self.reg_heads, self.anchors_per_scale):
             nn.init.normal_(cls_head.weight, std=0.01)
             bias = torch.zeros(anchors, self.num_classes + 1)
             bias[:, 0] = background_bias
@@ -159,7 +159,7 @@ class SSDModel(LandmarkModel):
         features = self.backbone(pad_to_multiple(volumes))
         logits, deltas, grids = [], [], []
         for (key, stride, sizes), cls_head, reg_head, per_cell in zip(
-            self.scales, self.cls_heads, self.reg_heads, self.anchors_per_cell
+            self.scales, self.cls_heads, self.reg_heads, self.anchors_per_scale
         ):
             feature = features[key]
             # fast_conv3d: one oneDNN call on the inference fast path (igrpn.model), else cls_head(x).
@@ -235,6 +235,6 @@ class SSDModel(LandmarkModel):
             # RPN (igrpn.model.top_anchors_per_class; each cell's anchors form a group); only
             # they are decoded. Ranking on log p is ranking on p.
             results.append(anchor_candidates(volume_logits, volume_deltas, anchors, self.nms_prefix,
-                                             math.gcd(*self.anchors_per_cell), self.profile.nms_iou, top_k,
+                                             math.gcd(*self.anchors_per_scale), self.profile.nms_iou, top_k,
                                              self.mirror_pairs))
         return results

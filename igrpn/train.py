@@ -639,7 +639,7 @@ def anchor_coverage(cases, profile: Profile) -> "pandas.DataFrame":
         padded = tuple(int(math.ceil(n / 8) * 8) for n in case.volume.shape)
         grid = tuple(n // stride for n in padded)
         if grid not in anchors_by_shape:
-            anchors_by_shape[grid] = centre_to_corner(make_anchors(grid, stride, sizes_vox))
+            anchors_by_shape[grid] = centre_to_corner(make_anchors(grid, stride, sizes_vox, profile.anchor_shapes))
         gt = centre_to_corner(landmark_boxes(torch.as_tensor(case.landmarks_vox, dtype=torch.float32), box_vox))
         iou = box_iou(anchors_by_shape[grid], gt)  # (A, 5)
         best = iou.max(dim=0).values

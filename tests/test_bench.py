@@ -396,17 +396,18 @@ def test_match_anchors_equals_the_dense_reference_with_ties():
     assert int((labels == 1).sum()) > 0 and int((labels == 4).sum()) > 0
 
 
+@pytest.mark.parametrize("mode", ["combinations", "cubes"])
 @pytest.mark.parametrize("min_iou", [0.0, 0.25, 0.5])
-def test_grid_anchors_near_holds_every_anchor_reaching_the_iou(min_iou):
+def test_grid_anchors_near_holds_every_anchor_reaching_the_iou(min_iou, mode):
     from igrpn import boxes as box_ops
 
     grid, stride, sizes = (12, 13, 11), 2, [3.25, 4.0, 5.0, 7.0]
-    anchors = box_ops.centre_to_corner(box_ops.make_anchors(grid, stride, sizes))
+    anchors = box_ops.centre_to_corner(box_ops.make_anchors(grid, stride, sizes, mode))
     generator = torch.Generator().manual_seed(7)
     centres = torch.rand(6, 3, generator=generator) * torch.tensor([24.0, 26.0, 22.0]) - 1  # some off the edge
     edges = torch.tensor([3.5, 6.0, 9.0, 3.5, 6.0, 2.0])[:, None] * torch.tensor([[1.0, 1.2, 0.8]])
     gt = box_ops.centre_to_corner(torch.cat([centres, edges], 1))
-    near = box_ops.grid_anchors_near(gt, grid, stride, sizes, min_iou)
+    near = box_ops.grid_anchors_near(gt, grid, stride, sizes, min_iou, mode)
     iou = box_ops.box_iou(anchors, gt).amax(dim=1)
     reaching = torch.nonzero(iou > 0 if min_iou == 0 else iou >= min_iou).reshape(-1)
     assert reaching.numel() > 0

@@ -106,6 +106,44 @@ def test_make_anchors_count_placement_and_order():
     assert anchors[row].tolist() == [4 * i + 1.5, 4 * j + 1.5, 4 * k + 1.5, 5.0, 3.0, 5.0]
 
 
+def test_cube_anchors_are_one_cube_per_size_in_the_same_cell_order():
+    sizes, grid = (3.0, 5.0, 8.0), (2, 1, 2)
+    anchors = B.make_anchors(grid, stride=2, sizes_vox=sizes, mode="cubes")
+    assert anchors.shape == (4 * 3, 6) and B.anchors_per_cell(3, "cubes") == 3
+    assert anchors[:3, 3:].tolist() == [[3.0] * 3, [5.0] * 3, [8.0] * 3]
+    # cell (1, 0, 1) = row-block 3, centre stride·index + 0.5
+    assert anchors[9:12, :3].tolist() == [[2.5, 0.5, 2.5]] * 3
+    # the cubes are the diagonal of the paper's 27 combinations
+    combinations = B.anchor_shapes(sizes)
+    assert combinations.shape == (27, 3) and B.anchors_per_cell(3) == 27
+    assert torch.equal(combinations[[0, 13, 26]], B.anchor_shapes(sizes, "cubes"))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        B.make_anchors(grid, 2, sizes, mode="spheres")
+
+
+def test_atss_positives_by_hand():
+    # cells of 4 voxels (centres 4i + 1.5), one cube of 4, 8 and 10 voxels per cell
+    anchors = B.make_anchors((6, 6, 6), 4, (4.0, 8.0, 10.0), mode="cubes")
+    # a GT cube of 8 centred between the 8 cells (i, j, k in {2, 3}): each of them is 2 voxels off
+    # per axis; IoUs 64/512 = 0.125 (4-cube, inside the GT), 216/808 = 0.267 (8), 512/1000 = 0.512
+    # (10); mean + std = 0.301 + 0.160 = 0.461: the eight 10-cubes are positive
+    gt = torch.tensor([[11.5, 11.5, 11.5, 8.0, 8.0, 8.0]])
+    index, gt_index = B.atss_positives(anchors, gt, group_size=3, num_cells=8)
+    assert torch.equal(anchors[index, 3], torch.full((8,), 10.0)) and bool((gt_index == 0).all())
+    assert set(map(tuple, anchors[index, :3].tolist())) == {(x, y, z) for x in (9.5, 13.5)
+                                                            for y in (9.5, 13.5) for z in (9.5, 13.5)}
+    # one cell: the best of its three anchors (the 8-cube, IoU 1) always qualifies
+    centred = torch.tensor([[9.5, 9.5, 9.5, 8.0, 8.0, 8.0]])
+    index, _ = B.atss_positives(anchors, centred, group_size=3, num_cells=1)
+    assert anchors[index].tolist() == [[9.5, 9.5, 9.5, 8.0, 8.0, 8.0]]
+    # two GTs competing for an anchor: the one it overlaps most keeps it
+    both = torch.cat([centred, torch.tensor([[10.5, 9.5, 9.5, 8.0, 8.0, 8.0]])])
+    index, gt_index = B.atss_positives(anchors, both, group_size=3, num_cells=1)
+    assert index.tolist() == [index[0].item()] and gt_index.tolist() == [0]
+    with pytest.raises(ValueError, match="whole cells"):
+        B.atss_positives(anchors[:-1], gt, group_size=3, num_cells=1)
+
+
 def test_make_anchors_matches_head_output_flattening():
     grid, sizes, channels = (2, 3, 2), (2.0, 4.0), 3
     num_shapes = len(sizes) ** 3

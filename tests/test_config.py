@@ -48,3 +48,19 @@ def test_settings_by_method_are_resolved_for_their_method_only():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         profile = dataclasses.replace(get_profile("smoke"), settings_by_method={"rpn": {"optimizer": "adam"}})
         profile.for_method("rpn")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("anchor_shapes", "spheres", "anchor_shapes must be one of"),
+    ("head_convs", 0, "head_convs must be a positive integer"),
+    ("head_convs", 2.5, "head_convs must be a positive integer"),
+])
+def test_bad_anchor_and_head_settings_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(get_profile("smoke"), **{field: value})
+
+
+def test_the_paper_anchors_and_head_are_every_profiles_default():
+    for name in ("smoke", "cpu", "paper"):
+        profile = get_profile(name).for_method("rpn")
+        assert (profile.anchor_shapes, profile.head_convs) == ("combinations", 1)

@@ -24,11 +24,34 @@ def test_overrides_are_checked_against_the_profile_fields():
         experiment.parse_overrides(["top_k=two"], base)
 
 
+def test_an_override_wins_over_the_methods_own_settings():
+    # the cpu profile gives the RPN SGD at lr 0.01 (settings_by_method); --set lr=0.05 must reach it
+    profile = experiment.run_profile("cpu", "rpn", {"lr": 0.05, "anchor_shapes": "cubes"})
+    assert (profile.lr, profile.optimizer, profile.anchor_shapes) == (0.05, "sgd", "cubes")
+    assert experiment.run_profile("cpu", "ssd", {}).optimizer == "adamw"
+
+
 def test_a_bad_setting_is_a_usage_error_before_any_training(capsys):
     with pytest.raises(SystemExit) as exit_info:
         experiment.main(["--name", "x", "--minutes", "1", "--set", "optimizer=adam"])
     assert exit_info.value.code == 2
     assert "optimizer must be one of" in capsys.readouterr().err
+
+
+def test_an_epoch_budget_trains_those_epochs_and_logs_no_seconds_budget(smoke_manifest, tmp_path, capsys):
+    log = tmp_path / "experiments.csv"
+    row = experiment.run_one("epochs", {"epochs": 1}, "rpn", True, 0, None, smoke_manifest, tmp_path / "runs", log,
+                             base="smoke", progress=False)
+    # one epoch of the smoke profile's 6 training volumes (8 minus the quarter held out), batch 2
+    assert row["steps"] == 3 and row["epochs"] == pytest.approx(1.0)
+    table = pd.read_csv(log)
+    assert table["budget_s"].isna().all() and table["change"].tolist() == ["epochs=1"]
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(["--name", "x", "--minutes", "1", "--epochs", "2"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="wall-clock budget only"):
+        experiment.run_one("peer", {}, experiment.PEER_METHOD, True, 0, None, smoke_manifest, tmp_path / "runs", log,
+                           base="smoke", progress=False)
 
 
 def test_one_budgeted_run_appends_one_row_scored_on_validation(smoke_manifest, tmp_path):
