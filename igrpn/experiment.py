@@ -3,12 +3,18 @@
     python -m igrpn.experiment --name focal_all --set classification_anchors=all --seeds 0 1 --minutes 4
     python -m igrpn.experiment plot --names baseline focal_all --out docs/figures/curves.png
     python -m igrpn.experiment score --name reproduce_rpn_ib report/runs/rpn_ib/checkpoint.pt
+    python -m igrpn.experiment --name cubes --set anchor_shapes=cubes --epochs 6
+    python -m igrpn.experiment steptime --configs "" "anchor_shapes=cubes" "head_convs=4"
 
 trains the named configuration (the ``cpu`` profile with the ``--set`` fields changed) once per
 seed for the same wall-clock budget, scores each run on the *validation* part of the training
 split (held out by the seed, never the test split) and appends one row per run to
 ``docs/experiments.csv``. Decisions are taken on these rows, with at least two seeds per setting
 (DESIGN §8); the test split is scored by ``make reproduce`` alone.
+
+On a machine whose cores other jobs share, ``--epochs`` gives a step budget instead, and
+``steptime`` measures the configurations' step costs interleaved, so that equal wall-clock can be
+set as epochs in proportion (docs/accuracy.md §13).
 
 ``--method monai_retinanet`` trains the peer (MONAI's 3D RetinaNet, :mod:`igrpn.peer`) the same
 way, on the same volumes and hold-out, for the same minutes.
@@ -24,10 +30,12 @@ import datetime as dt
 import functools
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from igrpn import config
 from igrpn.config import LANDMARKS, Profile, get_profile
@@ -320,6 +328,77 @@ def plot_main(argv: list[str]) -> int:
     return 0
 
 
+def step_seconds(profiles: list[Profile], method: str, manifest: Path, rounds: int = 3, steps: int = 4,
+                 seed: int = 0) -> list[list[float]]:
+    """Seconds of one training step (forward, loss, backward, optimiser; no data loading) of each
+    profile, measured in ``rounds`` interleaved rounds of ``steps`` steps on the same two training
+    volumes, after one warm-up step each. Interleaving puts every profile under the same drift of
+    a shared machine's load, so the ratios hold even where the seconds do not.
+
+    Returns:
+        per profile, the mean seconds per step of each round.
+    """
+    from igrpn import distributed
+    from igrpn.data import LandmarkDataset, collate, load_cases, read_manifest
+    from igrpn.model import build_model
+    from igrpn.train import make_optimizer
+
+    table = read_manifest(manifest)
+    cases = load_cases(table[table["split"] == "train"].head(2), profiles[0].spacing_mm, progress=False)
+    batch = collate([LandmarkDataset(cases, augment=False)[i] for i in range(len(cases))])
+    device = torch.device("cpu")
+    setups = []
+    for profile in profiles:
+        torch.manual_seed(seed)
+        model = build_model(method, profile).train()
+        setups.append((model, make_optimizer(model.parameters(), profile), profile))
+
+    def one_step(model, optimizer, profile):
+        with distributed.autocast(device, enabled=profile.mixed_precision):
+            losses = model.loss(model(batch["volume"]), batch["landmarks_vox"])
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+
+    for setup in setups:
+        one_step(*setup)
+    seconds = [[] for _ in setups]
+    for _ in range(rounds):
+        for index, setup in enumerate(setups):
+            start = time.perf_counter()
+            for _ in range(steps):
+                one_step(*setup)
+            seconds[index].append((time.perf_counter() - start) / steps)
+    return seconds
+
+
+def steptime_main(argv: list[str]) -> int:
+    """``python -m igrpn.experiment steptime --configs "" "anchor_shapes=cubes" ...``."""
+    parser = argparse.ArgumentParser(prog="python -m igrpn.experiment steptime",
+                                     description="Interleaved step-time measurement of configurations.")
+    parser.add_argument("--configs", nargs="+", required=True,
+                        help='each a ";"-separated list of FIELD=VALUE ("" = the base profile)')
+    parser.add_argument("--method", default="rpn", choices=config.METHODS)
+    parser.add_argument("--base", default="cpu", choices=sorted(config.PROFILES))
+    parser.add_argument("--manifest", default="data_manifest.csv")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args(argv)
+    try:
+        overrides = [parse_overrides([item for item in text.split(";") if item.strip()], get_profile(args.base))
+                     for text in args.configs]
+        profiles = [run_profile(args.base, args.method, o) for o in overrides]
+    except ValueError as error:
+        parser.error(str(error))
+    seconds = step_seconds(profiles, args.method, Path(args.manifest).resolve(), args.rounds, args.steps)
+    reference = float(np.median(seconds[0]))
+    for o, rounds in zip(overrides, seconds):
+        median = float(np.median(rounds))
+        print(f"{change_text(o):60s} {median:.3f} s/step (rounds {', '.join(f'{r:.3f}' for r in rounds)}) "
+              f"x{median / reference:.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
@@ -328,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         return plot_main(argv[1:])
     if argv[:1] == ["score"]:
         return score_main(argv[1:])
+    if argv[:1] == ["steptime"]:
+        return steptime_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.minutes is not None and not args.minutes > 0:

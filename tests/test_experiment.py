@@ -76,3 +76,14 @@ def test_one_budgeted_run_appends_one_row_scored_on_validation(smoke_manifest, t
     train_ids = list(manifest.loc[manifest["split"] == "train", "case_id"])
     profile = dataclasses.replace(get_profile("smoke"), lr=3e-3)
     assert len(train.split_train_val(train_ids, profile.val_fraction, 0)[1]) == 2
+
+
+def test_step_times_come_per_configuration_and_round(smoke_manifest, capsys):
+    profiles = [experiment.run_profile("smoke", "rpn", {}), experiment.run_profile("smoke", "rpn", {"head_convs": 3})]
+    seconds = experiment.step_seconds(profiles, "rpn", smoke_manifest, rounds=2, steps=1)
+    assert len(seconds) == 2 and all(len(r) == 2 and min(r) > 0 for r in seconds)
+    assert experiment.main(["steptime", "--base", "smoke", "--manifest", str(smoke_manifest), "--rounds", "1",
+                            "--steps", "1", "--configs", "", "head_convs=3; anchor_shapes=cubes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("baseline") and "x1.00" in lines[0]
+    assert lines[1].startswith("head_convs=3; anchor_shapes=cubes") and "s/step" in lines[1]
