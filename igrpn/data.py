@@ -464,7 +464,8 @@ def _stored_pixdim(image) -> np.ndarray:
     from nibabel.openers import ImageOpener
 
     try:
-        with ImageOpener(image.file_map["header"].filename) as stream:
+        holder = image.file_map.get("header") or image.file_map["image"]  # a pair, or a single file
+        with ImageOpener(holder.filename) as stream:
             return np.asarray(type(image.header).from_fileobj(stream, check=False)["pixdim"], dtype=np.float64)
     except Exception:  # noqa: BLE001 - no file (an image in memory): the header is all there is
         return np.asarray(image.header["pixdim"], dtype=np.float64)

@@ -353,3 +353,522 @@ def test_manifest_that_is_not_csv_is_reported(tmp_path, capsys):
     (report / "runs" / "rpn_ib" / "checkpoint.pt").write_bytes(b"")
     status, _, err = _run(["evaluate", "--profile", "smoke", "--manifest", manifest, "--report-dir", report], capsys)
     assert status == 1 and str(manifest) in err
+
+
+# --------------------------------------------------------------------------------------------
+# No silent wrong answer, no traceback (issue 16): each bad input is built here, and the command
+# must exit with the documented status, one line naming the file and the problem, and leave the
+# folder as it was.
+
+
+def _listing(folder: Path) -> dict:
+    """Every file and folder under ``folder`` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def _error_line(err: str, *needles) -> str:
+    """The one error line of ``err`` holding every needle (and no traceback anywhere)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if all(str(n) in line for n in needles)]
+    assert lines, f"no line with {needles} in:\n{err}"
+    return lines[0]
+
+
+def _checkpoint_variant(source: Path, target: Path, change) -> Path:
+    """A copy of a checkpoint with ``change(ckpt)`` applied (the dict is edited in place)."""
+    import torch
+
+    ckpt = torch.load(source, map_location="cpu", weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, target)
+    return target
+
+
+def _set_profile(**fields):
+    def change(ckpt):
+        ckpt["config"]["profile"].update(fields)
+    return change
+
+
+def _nan_weight(ckpt):
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][name] = ckpt["model"][name] * float("nan")
+
+
+def _drop_weight(ckpt):
+    ckpt["model"].pop(next(iter(ckpt["model"])))
+
+
+def _reshape_weight(ckpt):
+    name = next(k for k, v in ckpt["model"].items() if v.ndim == 5)
+    ckpt["model"][name] = ckpt["model"][name][:1]
+
+
+BAD_CHECKPOINTS = {
+    "no_config": (lambda ckpt: ckpt.pop("config"), "incomplete igrpn checkpoint: no config"),
+    "no_method": (lambda ckpt: ckpt.pop("method"), "incomplete igrpn checkpoint: no method"),
+    "no_profile": (lambda ckpt: ckpt["config"].pop("profile"), "incomplete igrpn checkpoint: no config['profile']"),
+    "missing_weight": (_drop_weight, "its weights do not fit the rpn model its profile describes: 1 missing"),
+    "reshaped_weight": (_reshape_weight, "1 of another shape"),
+    "changed_width": (_set_profile(width=8), "of another shape (first: "),
+    "zero_spacing": (_set_profile(spacing_mm=0.0), "unusable profile: spacing_mm = 0.0 (must be a positive number)"),
+    "negative_spacing": (_set_profile(spacing_mm=-5.2), "unusable profile: spacing_mm = -5.2"),
+    "zero_top_k": (_set_profile(top_k=0), "unusable profile: top_k = 0 (must be a positive integer)"),
+    "nan_weights": (_nan_weight, "weight tensor(s) hold NaN or inf"),
+    "unknown_method": (lambda ckpt: ckpt.update(method="magic"), "unknown method 'magic'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint_is_a_checkpoint_error_naming_the_file(kind, tmp_path, smoke_checkpoint, capsys):
+    change, message = BAD_CHECKPOINTS[kind]
+    bad = _checkpoint_variant(smoke_checkpoint, tmp_path / "bad.pt", change)
+    good = write_nifti(tmp_path / "good.nii.gz", random_volume((20, 20, 20)))
+    before = _listing(tmp_path)
+    status, out, err = _run(["predict", good, "--checkpoint", bad, "--out", tmp_path / "p.json", "--quiet"], capsys)
+    assert status == 1 and out == ""
+    line = _error_line(err, bad, message)
+    assert line.startswith(f"igrpn predict: error: {bad}: ")
+    assert len(err.strip().splitlines()) == 1
+    assert _listing(tmp_path) == before
+
+
+def _pickled_code_checkpoint(path: Path) -> Path:
+    import torch
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"format_version": 1, "payload": RunsCode()}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("random_bytes", "not an igrpn checkpoint (not a file written by torch.save)"),
+    ("nifti", "not an igrpn checkpoint (not a file written by torch.save)"),
+    ("pickled_code", "refused: it holds pickled Python objects (posix.system) that loading would import and run"),
+    ("directory", "is a directory, not a checkpoint"),
+])
+def test_checkpoint_that_is_not_ours_never_suggests_weights_only_false(kind, message, tmp_path, capsys):
+    if kind == "random_bytes":
+        bad = tmp_path / "model.pt"
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "nifti":
+        bad = write_nifti(tmp_path / "scan_as_ckpt.nii.gz", random_volume((8, 8, 8)))
+    elif kind == "pickled_code":
+        bad = _pickled_code_checkpoint(tmp_path / "evil.pt")
+    else:
+        bad = tmp_path / "runs"
+        bad.mkdir()
+    good = write_nifti(tmp_path / "good.nii.gz", random_volume((20, 20, 20)))
+    status, _, err = _run(["predict", good, "--checkpoint", bad, "--quiet"], capsys)
+    assert status == 1
+    _error_line(err, bad, message)
+    assert "weights_only" not in err and "Traceback" not in err
+
+
+def test_non_finite_model_output_names_the_volume_and_the_checkpoint(smoke_checkpoint):
+    """Weights that overflow at inference (the checkpoint's own are checked when it is loaded)."""
+    import torch
+
+    broken = Detector.from_checkpoint(smoke_checkpoint)
+    with torch.no_grad():
+        for parameter in broken.model.parameters():
+            parameter.fill_(float("inf"))
+    with pytest.raises(ValueError) as refused:
+        broken.predict(random_volume((20, 20, 20)), np.diag([4.0, 4.0, 4.0, 1.0]), name="scan.nii.gz")
+    message = str(refused.value)
+    assert message.startswith("scan.nii.gz: the model's output is not finite")
+    assert f"with checkpoint {smoke_checkpoint}" in message
+
+
+def test_json_output_is_valid_json_even_with_a_non_finite_value(detector, tmp_path):
+    rows = detector.predict(random_volume((20, 20, 20)), np.diag([4.0, 4.0, 4.0, 1.0]))
+    rows.insert(0, "volume", "v.nii")
+    rows.loc[rows.index[0], "score"] = np.nan
+    text = igrpn.cli.predictions_text([("v.nii", rows)], tmp_path / "p.json")
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in JSON")
+
+    document = __import__("json").loads(text, parse_constant=refuse)
+    assert document[0]["candidates"][0]["score"] is None
+
+
+# Priors and --lambda.
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mean_face_mm": [[float("nan")] * 3] * 5}, "mean_face_mm holds NaN or inf"),
+    ({"landmarks": 5}, "landmarks 5 differ from this version's"),
+    ({"edges": 7}, "graph edges 7 differ from this version's"),
+    ({"edges": [[0, 1]] * 9}, "graph edges [[0, 1]"),
+    ({"ratio_names": None}, "ratio names null differ"),
+])
+def test_bad_prior_file_is_reported_by_name(change, message, tmp_path, smoke_checkpoint, prior_file, capsys):
+    import json
+
+    bad = tmp_path / "prior.json"
+    bad.write_text(json.dumps({**json.loads(prior_file.read_text()), **change}))
+    good = write_nifti(tmp_path / "good.nii.gz", random_volume((20, 20, 20)))
+    status, out, err = _run(["predict", good, "--checkpoint", smoke_checkpoint, "--prior", bad, "--quiet"], capsys)
+    assert status == 1 and out == ""
+    _error_line(err, bad, message)
+
+
+@pytest.mark.parametrize("value", ["nan", "-5", "inf", "many"])
+def test_bad_lambda_is_a_usage_error(value, tmp_path, smoke_checkpoint, prior_file, capsys):
+    good = write_nifti(tmp_path / "good.nii.gz", random_volume((20, 20, 20)))
+    before = _listing(tmp_path)
+    status, out, err = _run(["predict", good, "--checkpoint", smoke_checkpoint, "--prior", prior_file,
+                             "--lambda", value, "--out", tmp_path / "p.csv"], capsys)
+    assert status == 2 and out == ""
+    _error_line(err, "argument --lambda: must be a finite number >= 0", repr(value))
+    assert _listing(tmp_path) == before
+
+
+def test_detector_refuses_a_non_finite_or_negative_lambda(detector, prior_file):
+    for value in (float("nan"), -5.0):
+        with pytest.raises(ValueError, match="prior_lambda must be a finite number >= 0"):
+            Detector(detector.model, detector.profile, prior=prior_file, prior_lambda=value)
+
+
+# Volumes that used to lose information silently, or to fail with a misleading message.
+
+
+def _complex_volume(folder: Path) -> Path:
+    volume = random_volume((20, 20, 20)) * (1 + 1j)
+    return write_nifti(folder / "complex.nii.gz", volume.astype(np.complex64))
+
+
+def _rgb_volume(folder: Path) -> Path:
+    grey = (random_volume((20, 20, 20)) * 50).astype(np.uint8)
+    rgb = np.zeros(grey.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    for channel in "RGB":
+        rgb[channel] = grey
+    return write_nifti(folder / "rgb.nii.gz", rgb)
+
+
+def _huge_values_volume(folder: Path) -> Path:
+    volume = np.where(random_volume((20, 20, 20)) > 1, 3e38, -3e38).astype(np.float32)
+    return write_nifti(folder / "huge_values.nii.gz", volume)
+
+
+@pytest.mark.parametrize("make, message", [
+    (_complex_volume, "complex-valued voxels (complex64); igrpn needs real grey levels"),
+    (_rgb_volume, "colour voxels (R/G/B); igrpn needs one grey level per voxel"),
+    (_huge_values_volume, "voxel values reach 3e+38 in magnitude, beyond the 1e+37"),
+])
+def test_volume_igrpn_would_misread_is_refused_saying_why(make, message, tmp_path, smoke_checkpoint, capsys):
+    bad = make(tmp_path)
+    good = write_nifti(tmp_path / "good.nii.gz", random_volume((20, 20, 20)))
+    out = tmp_path / "pred.csv"
+    status, _, err = _run(["predict", bad, good, "--checkpoint", smoke_checkpoint, "--out", out, "--quiet"], capsys)
+    assert status == 1
+    line = _error_line(err, bad, message)
+    assert "constant volume" not in line and "truncated or corrupt" not in line
+    assert set(pd.read_csv(out)["volume"]) == {str(good)}
+
+
+def _no_orientation_zero_pixdim(path: Path) -> Path:
+    """A NIfTI-1 file with neither qform nor sform and pixdim 0: written byte by byte, since
+    nibabel repairs the header it saves."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((40, 40, 40))  # 40 mm once read as 1 mm voxels
+    header.set_data_dtype(np.float32)
+    header["pixdim"][1:4] = 0
+    header["qform_code"] = header["sform_code"] = 0
+    header["vox_offset"] = 352
+    path.write_bytes(header.binaryblock + b"\0" * 4 + random_volume((40, 40, 40)).tobytes(order="F"))
+    return path
+
+
+def test_volume_without_geometry_is_predicted_and_the_guess_is_stated(tmp_path, smoke_checkpoint, capsys):
+    volume = _no_orientation_zero_pixdim(tmp_path / "no_geometry.nii")
+    status, _, err = _run(["predict", volume, "--checkpoint", smoke_checkpoint, "--out", tmp_path / "p.csv",
+                           "--quiet"], capsys)
+    assert status == 0
+    _error_line(err, "igrpn predict: note:", volume, "no qform or sform and voxel size (pixdim) 0 along axis [1, 2, 3]",
+                "read as 1 mm voxels")
+
+
+def test_load_case_warns_about_a_volume_without_geometry(tmp_path):
+    from igrpn.data import load_case
+
+    volume = _no_orientation_zero_pixdim(tmp_path / "no_geometry.nii")
+    row = {"case_id": "c0", "image": str(volume), "split": "train",
+           **dict(zip(LANDMARK_COLUMNS, np.full(15, 0.0)))}
+    with pytest.warns(UserWarning, match="no_geometry.nii: no qform or sform"):
+        load_case(row, 4.0)
+
+
+def test_a_volume_given_twice_is_predicted_once_and_said_so(tmp_path, smoke_checkpoint, capsys):
+    volume = write_nifti(tmp_path / "scan.nii.gz", random_volume((20, 20, 20)))
+    link = tmp_path / "same_scan.nii.gz"
+    link.symlink_to(volume)
+    out = tmp_path / "p.csv"
+    status, _, err = _run(["predict", volume, str(tmp_path / "*.nii.gz"), link, "--checkpoint", smoke_checkpoint,
+                           "--out", out, "--quiet"], capsys)
+    assert status == 0
+    _error_line(err, "igrpn predict: note:", link, "is given more than once; predicted once")
+    assert set(pd.read_csv(out)["volume"]) == {str(volume)}
+
+
+# markups-to-manifest.
+
+
+def test_markups_to_manifest_refuses_two_images_with_one_name(tmp_path, capsys):
+    from igrpn.markups import write_markups
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_nifti(tmp_path / folder / "scan.nii.gz", random_volume((20, 20, 20)))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    write_markups(marks / "scan.mrk.json", LANDMARKS, FACE_MM)
+    before = _listing(tmp_path)
+    status, _, err = _run(["markups-to-manifest", tmp_path / "a" / "scan.nii.gz", tmp_path / "b" / "scan.nii.gz",
+                           "--markups-dir", marks, "--split", "train", "--out", tmp_path / "m.csv"], capsys)
+    assert status == 1
+    _error_line(err, tmp_path / "a" / "scan.nii.gz", tmp_path / "b" / "scan.nii.gz", "would both be case_id 'scan'")
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", "not a readable NIfTI file"),
+    ("2d", "not 3D: shape (20, 20)"),
+    ("complex", "complex-valued voxels"),
+])
+def test_markups_to_manifest_refuses_an_image_that_is_not_a_3d_nifti(kind, message, tmp_path, capsys):
+    from igrpn.markups import write_markups
+
+    if kind == "text":
+        image = tmp_path / "scan.nii.gz"
+        image.write_text("not an image\n" * 30)
+    elif kind == "2d":
+        image = write_nifti(tmp_path / "scan.nii.gz", random_volume((20, 20)))
+    else:
+        image = _complex_volume(tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    write_markups(marks / f"{igrpn.markups.volume_stem(image)}.mrk.json", LANDMARKS, FACE_MM)
+    before = _listing(tmp_path)
+    status, _, err = _run(["markups-to-manifest", image, "--markups-dir", marks, "--split", "train",
+                           "--out", tmp_path / "m.csv"], capsys)
+    assert status == 1
+    _error_line(err, "no manifest written", image, message)
+    assert _listing(tmp_path) == before
+
+
+# Phantom sizes and output folders.
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid", "100000"], "phantom grid must be an integer from 16 to 256 voxels (igrpn.phantom.MAX_GRID), got 100000"),
+    (["--n", "1000000000"], "n must be a positive integer up to 100000"),
+    (["--spacing", "nan"], "phantom spacing_mm must be a positive number, got nan"),
+])
+def test_phantom_sizes_are_checked_before_anything_is_made(argv, message, tmp_path, capsys):
+    status, _, err = _run(["phantom", "--out", tmp_path / "data", "--quiet", *argv], capsys)
+    assert status == 1
+    _error_line(err, "igrpn phantom: error:", message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_phantom_refuses_a_manifest_in_a_missing_folder_and_makes_nothing(tmp_path, capsys):
+    manifest = tmp_path / "nonexistent" / "dir" / "m.csv"
+    status, _, err = _run(["phantom", "--out", tmp_path / "data", "--n", "1", "--grid", "24", "--spacing", "4",
+                           "--manifest", manifest, "--quiet"], capsys)
+    assert status == 1
+    _error_line(err, manifest, f"directory {manifest.parent} does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_phantom_manifest_may_go_into_the_out_folder_it_creates(tmp_path, capsys):
+    out = tmp_path / "data"
+    status, printed, err = _run(["phantom", "--out", out, "--n", "1", "--n-test", "0", "--grid", "24",
+                                 "--spacing", "4", "--manifest", out / "m.csv", "--quiet"], capsys)
+    assert status == 0, err
+    assert (out / "m.csv").is_file() and printed.strip() == str(out / "m.csv")
+
+
+# Ctrl-C.
+
+
+def test_ctrl_c_during_predict_stops_cleanly_and_writes_nothing(tmp_path, smoke_checkpoint, capsys, monkeypatch):
+    volumes = [write_nifti(tmp_path / f"v{i}.nii.gz", random_volume((20, 20, 20), seed=i)) for i in range(3)]
+    out, marks = tmp_path / "pred.csv", tmp_path / "marks"
+    predict_file, calls = igrpn.cli.predict_file, []
+
+    def interrupted_on_the_third(detector, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return predict_file(detector, path)
+
+    monkeypatch.setattr(igrpn.cli, "predict_file", interrupted_on_the_third)
+    before = _listing(tmp_path)
+    status, out_text, err = _run(["predict", *volumes, "--checkpoint", smoke_checkpoint, "--out", out,
+                                  "--markups", marks, "--quiet"], capsys)
+    assert status == 130 and out_text == ""
+    assert err.strip() == "igrpn predict: interrupted (Ctrl-C): nothing written"
+    assert _listing(tmp_path) == before  # no markups of the two volumes done, not even the folder
+
+
+def test_ctrl_c_while_writing_leaves_all_markups_or_none(tmp_path, smoke_checkpoint, capsys, monkeypatch):
+    volumes = [write_nifti(tmp_path / f"v{i}.nii.gz", random_volume((20, 20, 20), seed=i)) for i in range(3)]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "v0.mrk.json").write_text("earlier answer\n")
+    write_temporary, written = igrpn.markups._write_temporary, []
+
+    def interrupted_on_the_third_file(target, data):
+        written.append(target)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        return write_temporary(target, data)
+
+    monkeypatch.setattr(igrpn.markups, "_write_temporary", interrupted_on_the_third_file)
+    status, _, err = _run(["predict", *volumes, "--checkpoint", smoke_checkpoint, "--markups", marks, "--quiet"],
+                          capsys)
+    assert status == 130
+    assert err.strip().splitlines()[-1] == "igrpn predict: interrupted (Ctrl-C)"
+    assert sorted(p.name for p in marks.iterdir()) == ["v0.mrk.json"]
+    assert (marks / "v0.mrk.json").read_text() == "earlier answer\n"
+
+
+def test_renames_hold_ctrl_c_until_every_file_is_in_place(tmp_path, monkeypatch):
+    import signal
+
+    replace, renamed = igrpn.markups.os.replace, []
+
+    def replace_then_ctrl_c(source, target):
+        replace(source, target)
+        renamed.append(target)
+        if len(renamed) == 1:
+            signal.raise_signal(signal.SIGINT)  # arrives between the first and the second rename
+
+    monkeypatch.setattr(igrpn.markups.os, "replace", replace_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        igrpn.markups.atomic_write_files({tmp_path / "a.txt": "a", tmp_path / "b.txt": b"b"})
+    assert (tmp_path / "a.txt").read_text() == "a" and (tmp_path / "b.txt").read_text() == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+# Checked before any work: arguments, output paths.
+
+
+def test_evaluate_bad_n_boot_is_a_usage_error_before_any_prediction(tmp_path, smoke_checkpoint, capsys):
+    report = tmp_path / "report"
+    (report / "runs" / "rpn_ib").mkdir(parents=True)
+    (report / "runs" / "rpn_ib" / "checkpoint.pt").write_bytes(smoke_checkpoint.read_bytes())
+    manifest = _manifest_with_bad_value(tmp_path)
+    before = _listing(tmp_path)
+    for argv in (["--n-boot", "0"], ["--n-boot", "-3"], ["--seed", "-1"]):
+        status, _, err = _run(["evaluate", "--profile", "smoke", "--manifest", manifest, "--report-dir", report,
+                               *argv], capsys)
+        assert status == 2
+        _error_line(err, f"argument {argv[0]}: must be")
+    assert _listing(tmp_path) == before  # no predictions/ folder
+
+
+def test_out_naming_an_existing_folder_says_so(tmp_path, smoke_checkpoint, capsys):
+    good = write_nifti(tmp_path / "good.nii.gz", random_volume((20, 20, 20)))
+    folder = tmp_path / "results"
+    folder.mkdir()
+    status, _, err = _run(["predict", good, "--checkpoint", smoke_checkpoint, "--out", folder], capsys)
+    assert status == 1
+    _error_line(err, folder, "cannot write the output: it is a directory")
+    assert "suffix" not in err and list(folder.iterdir()) == []
+
+
+# File modes and links: outputs look like any file the user writes.
+
+
+@pytest.fixture()
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_outputs_get_the_mode_of_a_plain_write_and_keep_an_existing_one(tmp_path, smoke_checkpoint, capsys,
+                                                                        umask_022):
+    good = write_nifti(tmp_path / "good.nii.gz", random_volume((20, 20, 20)))
+    out, marks = tmp_path / "pred.json", tmp_path / "marks"
+    assert _run(["predict", good, "--checkpoint", smoke_checkpoint, "--out", out, "--markups", marks,
+                 "--quiet"], capsys)[0] == 0
+    assert _mode(out) == 0o644 and _mode(marks / "good.mrk.json") == 0o644
+    out.chmod(0o640)
+    assert _run(["predict", good, "--checkpoint", smoke_checkpoint, "--out", out, "--quiet"], capsys)[0] == 0
+    assert _mode(out) == 0o640
+    manifest = tmp_path / "m.csv"
+    assert _run(["markups-to-manifest", good, "--markups-dir", marks, "--split", "test", "--out", manifest],
+                capsys)[0] == 0
+    assert _mode(manifest) == 0o644
+    os.umask(0o077)
+    igrpn.train.atomic_torch_save({"x": 1}, tmp_path / "run" / "checkpoint.pt")
+    assert _mode(tmp_path / "run" / "checkpoint.pt") == 0o600
+
+
+def test_a_symlinked_out_is_written_through_and_stays_a_link(tmp_path, smoke_checkpoint, capsys):
+    good = write_nifti(tmp_path / "good.nii.gz", random_volume((20, 20, 20)))
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "latest.csv"
+    target.write_text("old\n")
+    link = tmp_path / "pred.csv"
+    link.symlink_to(target)
+    assert _run(["predict", good, "--checkpoint", smoke_checkpoint, "--out", link, "--quiet"], capsys)[0] == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert set(pd.read_csv(target)["volume"]) == {str(good)}
+    assert not [p for p in (tmp_path / "store").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_phantom_files_get_the_mode_of_a_plain_write(tmp_path, capsys, umask_022):
+    out = tmp_path / "data"
+    assert _run(["phantom", "--out", out, "--n", "1", "--n-test", "0", "--grid", "24", "--spacing", "4",
+                 "--quiet"], capsys)[0] == 0
+    assert {p.name: _mode(p) for p in out.iterdir()} == {"phantom_000.nii.gz": 0o644, "data_manifest.csv": 0o644}
+
+
+# From a fresh clone: the default data set is generated, a user's own manifest never is.
+
+
+def test_train_without_manifest_generates_the_profiles_data_set(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    import igrpn.reproduce
+    import igrpn.train
+    from igrpn import config
+
+    tiny = dataclasses.replace(config.PROFILES["smoke"], phantom_n=2, phantom_n_test=1, phantom_grid=24,
+                               phantom_spacing_mm=4.0)
+    monkeypatch.setitem(config.PROFILES, "smoke", tiny)
+    monkeypatch.setattr(igrpn.reproduce, "REPO_ROOT", tmp_path)  # a fresh clone without data
+    trained = {}
+
+    def record(profile, **kwargs):
+        trained.update(kwargs)
+        return Path(kwargs["out_dir"]) / "checkpoint.pt"
+
+    monkeypatch.setattr(igrpn.train, "train", record)
+    status, out, err = _run(["train", "--profile", "smoke", "--out", tmp_path / "run"], capsys)
+    assert status == 0, err
+    manifest = tmp_path / tiny.manifest
+    assert Path(trained["manifest"]) == manifest
+    assert len(pd.read_csv(manifest)) == 2 and (manifest.parent / "phantom_000.nii.gz").is_file()
+    assert "phantom volumes" in err  # the progress bar of the generation
+
+
+def test_a_users_missing_manifest_is_never_generated(tmp_path, capsys):
+    manifest = tmp_path / "mine.csv"
+    status, _, err = _run(["train", "--profile", "smoke", "--manifest", manifest, "--out", tmp_path / "run"], capsys)
+    assert status == 1
+    _error_line(err, "igrpn train: error:", manifest, "manifest not found")
+    assert list(tmp_path.iterdir()) == []
