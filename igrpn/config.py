@@ -30,6 +30,8 @@ ANCHOR_SIZES_MM: tuple[float, ...] = tuple(round(n * PAPER_SPACING_MM, 4) for n 
 METHODS: tuple[str, ...] = ("rpn", "ssd", "faster_rcnn", "heatmap")
 #: Values of ``Profile.classification_anchors`` and ``Profile.optimizer``.
 CLASSIFICATION_ANCHORS: tuple[str, ...] = ("sampled", "all", "hard_pool", "near_face")
+#: Values of ``Profile.backbone_norm``.
+BACKBONE_NORMS: tuple[str, ...] = ("batch", "group", "instance")
 #: Values of ``Profile.matcher``.
 MATCHERS: tuple[str, ...] = ("iou", "atss")
 #: Values of ``Profile.anchor_shapes`` (igrpn.boxes.ANCHOR_MODES).
@@ -55,6 +57,9 @@ class Profile:
     #: ``"combinations"`` (the paper: every (w, h, d) of the base sizes, 4³ = 64 per cell) or
     #: ``"cubes"`` (one cube per base size, 4 per cell; every GT box is a cube) — igrpn.boxes.anchor_shapes
     anchor_shapes: str = "combinations"
+    #: Normalisation of the RPN's backbone: ``"batch"`` (DESIGN §5), ``"group"`` or ``"instance"``
+    #: (nnDetection's choice for small 3D batches); the inference fast path folds BatchNorm only
+    backbone_norm: str = "batch"
     #: 3×3×3 convolutions of the RPN head: the paper's 1, or more with GroupNorm (RetinaNet's heads have 4)
     head_convs: int = 1
     gt_box_mm: tuple[float, ...] = GT_BOX_MM
@@ -133,6 +138,9 @@ class Profile:
             raise ValueError(f"profile {self.name!r}: matcher must be one of {list(MATCHERS)}, got {self.matcher!r}")
         if int(self.atss_cells) != self.atss_cells or self.atss_cells < 1:
             raise ValueError(f"profile {self.name!r}: atss_cells must be a positive integer, got {self.atss_cells!r}")
+        if self.backbone_norm not in BACKBONE_NORMS:
+            raise ValueError(f"profile {self.name!r}: backbone_norm must be one of {list(BACKBONE_NORMS)}, "
+                             f"got {self.backbone_norm!r}")
         if self.anchor_shapes not in ANCHOR_SHAPES:
             raise ValueError(f"profile {self.name!r}: anchor_shapes must be one of {list(ANCHOR_SHAPES)}, "
                              f"got {self.anchor_shapes!r}")
@@ -208,7 +216,7 @@ class Profile:
 #: stored without them (an older checkpoint) still loads.
 _FIELDS_WITH_SAFE_DEFAULTS = {"epochs_by_method", "settings_by_method", "classification_anchors", "focal_gamma", "optimizer",
                               "hard_negative_pool", "anchor_shapes", "head_convs",
-                              "near_face_fraction", "near_face_mm", "matcher", "atss_cells"}
+                              "near_face_fraction", "near_face_mm", "matcher", "atss_cells", "backbone_norm"}
 
 
 PROFILES: dict[str, Profile] = {

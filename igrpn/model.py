@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from igrpn import boxes as box_ops
-from igrpn.config import LANDMARKS, LEFT_RIGHT_CLASS_PAIRS, METHODS, NUM_LANDMARKS, Profile, get_profile
+from igrpn.config import BACKBONE_NORMS, LANDMARKS, LEFT_RIGHT_CLASS_PAIRS, METHODS, NUM_LANDMARKS, Profile, get_profile
 from igrpn.losses import iou_balanced_cross_entropy, iou_balanced_focal_loss, smooth_l1
 
 #: The backbone down-samples three times, so input edges must be multiples of 2³.
@@ -37,13 +37,18 @@ def pad_to_multiple(x: Tensor, multiple: int = INPUT_MULTIPLE) -> Tensor:
     return F.pad(x, (0, extra[2], 0, extra[1], 0, extra[0]))
 
 
-def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
-    """3×3×3 convolution (no bias: BatchNorm follows), BatchNorm3d, ReLU."""
-    return [
-        nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm3d(out_channels),
-        nn.ReLU(inplace=True),
-    ]
+def _conv_bn_relu(in_channels: int, out_channels: int, norm: str = "batch") -> list[nn.Module]:
+    """3×3×3 convolution (no bias: a normalisation follows), BatchNorm3d (or GroupNorm with 8
+    channels per group, or InstanceNorm3d with affine weights: ``norm``), ReLU."""
+    if norm not in BACKBONE_NORMS:
+        raise ValueError(f"norm must be one of {list(BACKBONE_NORMS)}, got {norm!r}")
+    if norm == "batch":
+        layer = nn.BatchNorm3d(out_channels)
+    elif norm == "group":
+        layer = nn.GroupNorm(_head_groups(out_channels), out_channels)
+    else:
+        layer = nn.InstanceNorm3d(out_channels, affine=True)
+    return [nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False), layer, nn.ReLU(inplace=True)]
 
 
 # --- CPU inference fast path ---------------------------------------------------------------------
@@ -209,7 +214,7 @@ def detection_stride(profile: Profile) -> int:
 class Backbone(nn.Module):
     """3D VGG-16-like feature extractor with a U-Net-style fusion of blocks 3 and 4 (paper §2.1).
 
-    Four blocks of two [3×3×3 conv, BatchNorm, ReLU] with ``width, 2w, 4w, 8w`` channels and a
+    Four blocks of two [3×3×3 conv, BatchNorm (or ``norm``), ReLU] with ``width, 2w, 4w, 8w`` channels and a
     2× max-pool between blocks (strides 1, 2, 4, 8). Block 4 is upsampled trilinearly to block 3's
     grid, concatenated with it, and a 3×3×3 conv (+BN+ReLU) gives ``fused`` (stride 4, 4w channels).
 
@@ -220,7 +225,7 @@ class Backbone(nn.Module):
     detection heads use: ``fused`` at stride 4, the finer map at stride 2.
     """
 
-    def __init__(self, width: int, in_channels: int = 1, stride: int = 4):
+    def __init__(self, width: int, in_channels: int = 1, stride: int = 4, norm: str = "batch"):
         super().__init__()
         if width < 1 or in_channels < 1:
             raise ValueError(f"Backbone: width and in_channels must be >= 1, got {width}, {in_channels}")
@@ -233,11 +238,11 @@ class Backbone(nn.Module):
         self.stride = stride
         blocks, previous = [], in_channels
         for channels in self.block_channels:
-            blocks.append(ConvBNReLU(*_conv_bn_relu(previous, channels), *_conv_bn_relu(channels, channels)))
+            blocks.append(ConvBNReLU(*_conv_bn_relu(previous, channels, norm), *_conv_bn_relu(channels, channels, norm)))
             previous = channels
         self.block1, self.block2, self.block3, self.block4 = blocks
-        self.fuse = ConvBNReLU(*_conv_bn_relu(4 * width + 8 * width, 4 * width))
-        self.fuse_fine = ConvBNReLU(*_conv_bn_relu(4 * width + 2 * width, 2 * width)) if stride == 2 else None
+        self.fuse = ConvBNReLU(*_conv_bn_relu(4 * width + 8 * width, 4 * width, norm))
+        self.fuse_fine = ConvBNReLU(*_conv_bn_relu(4 * width + 2 * width, 2 * width, norm)) if stride == 2 else None
         #: channels of ``features``
         self.out_channels = 2 * width if stride == 2 else 4 * width
         # Channels-last weights: oneDNN then keeps every activation channels-last instead of
@@ -729,7 +734,7 @@ class RPNModel(LandmarkModel):
 
     def __init__(self, profile: Profile, iou_balance: bool = True):
         super().__init__(profile, iou_balance)
-        self.backbone = Backbone(profile.width, stride=detection_stride(profile))
+        self.backbone = Backbone(profile.width, stride=detection_stride(profile), norm=profile.backbone_norm)
         self.stride = self.backbone.stride
         channels = self.backbone.out_channels
         self.num_anchors_per_cell = self.anchors_per_cell()

@@ -8,7 +8,7 @@ import torch
 
 from igrpn import boxes as B
 from igrpn.config import get_profile
-from igrpn.model import Backbone, LandmarkModel, RPNModel, build_model, pad_to_multiple
+from igrpn.model import Backbone, LandmarkModel, RPNModel, build_model, fast_inference, pad_to_multiple
 
 PROFILE = get_profile("smoke")  # 5.2 mm: GT cubes 3.5 / 6 voxels, anchors 3.25–7 voxels
 LANDMARKS_VOX = torch.tensor([[9.0, 12.0, 16.0], [16.0, 9.0, 16.0], [23.0, 12.0, 16.0],
@@ -259,3 +259,20 @@ def test_near_face_negatives_come_from_around_the_gt_boxes(fraction):
     else:
         # the rest is drawn from all negatives, most of which lie far from the two boxes
         assert expected <= int(inside.sum()) < negatives.numel()
+
+
+@pytest.mark.parametrize("norm, layer", [("group", torch.nn.GroupNorm), ("instance", torch.nn.InstanceNorm3d)])
+def test_backbone_norm_replaces_every_batchnorm_and_inference_matches_the_plain_path(norm, layer):
+    profile = dataclasses.replace(PROFILE, backbone_norm=norm)
+    torch.manual_seed(0)
+    model = RPNModel(profile).eval()
+    norms = [m for m in model.backbone.modules() if isinstance(m, (torch.nn.BatchNorm3d, layer))]
+    assert norms and all(isinstance(m, layer) for m in norms)
+    volume = torch.randn(1, 1, 32, 24, 16)
+    with torch.no_grad():
+        fast = model(volume)["deltas"]  # (the class logits' layout differs on the fast path)
+        with fast_inference(False):
+            plain = model(volume)["deltas"]
+    assert torch.allclose(fast, plain, atol=1e-5)
+    with pytest.raises(ValueError, match="backbone_norm must be one of"):
+        dataclasses.replace(PROFILE, backbone_norm="layer")
