@@ -5,12 +5,19 @@ predictions CSV fabricated from its ground truth — only for this test) through
 path (``igrpn.viewer.serve_voila`` / ``chromium_page``), and drives it as a user would: a slider
 moved with the keyboard, a click at a known pixel of one plane, the mouse wheel and the arrow
 keys over a plane, the window / level controls and their reset, a click on a row of the
-candidate table; and ``save_viewer_screenshot`` writes a picture of the page.
+candidate table; and ``save_viewer_screenshot`` writes a picture of the page. One test runs the
+same notebook in JupyterLab and clicks a plane there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +270,53 @@ def test_save_viewer_screenshot_writes_the_page(served, tmp_path):
     height, width = _layout(case).size
     assert picture.shape[1] >= width and picture.shape[0] > height + 200
     assert _pixels(picture, viz.BOX_COLOURS["gt"]) > 50 and _pixels(picture, viz.BOX_COLOURS["pred"]) > 50
+
+
+@contextlib.contextmanager
+def _serve_jupyterlab(folder: Path):
+    """JupyterLab on a free port over ``folder`` (no token; the app exposed as window.jupyterapp)."""
+    port = viewer_module._free_port()
+    log_path = folder / "lab.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("jupyter")), "lab", "--no-browser", f"--port={port}",
+             "--ServerApp.ip=127.0.0.1", "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=",
+             f"--ServerApp.root_dir={folder}", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
+             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+            cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "JUPYTER_PLATFORM_DIRS": "1", "JUPYTERLAB_WORKSPACES_DIR": str(folder / "workspaces"),
+                 "JUPYTER_CONFIG_DIR": str(folder / "config")})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            viewer_module._wait_for_server(url, process, log_path, 60)
+            yield url
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)  # the server and its kernel
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def test_the_viewer_works_in_jupyterlab_too(tmp_path):
+    notebook, case, _, _ = _write_inputs(tmp_path)
+    with _serve_jupyterlab(tmp_path) as url, viewer_module.chromium_page(url) as page:
+        page.goto(f"{url}/lab/tree/{notebook.name}", timeout=60_000)
+        # the kernel is up (status bar "Idle"), then run every cell as a user would
+        page.wait_for_function("""() => window.jupyterapp && [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+                                      .some(item => item.textContent.includes('Idle'))""", timeout=90_000)
+        page.locator(".jp-Notebook .jp-Cell").first.click()
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        image = page.locator(".igrpn-slices img, img.igrpn-slices").first
+        image.wait_for(state="visible", timeout=120_000)
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+        start = _slider_values(page)
+        target = (start[0], 5, 7)
+        x, y = _layout(case).voxel_to_pixel(0, target)
+        image.click(position={"x": x, "y": y})  # ipyevents' front end works in JupyterLab as well
+        _wait_for_point(page, target)
+        x, y = _layout(case).voxel_to_pixel(2, target)
+        image.hover(position={"x": x, "y": y})
+        page.mouse.wheel(0, -100)
+        _wait_for_point(page, (target[0], target[1], target[2] + 1))

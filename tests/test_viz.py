@@ -626,5 +626,23 @@ def test_slice_viewer_from_nifti_maps_world_positions(tmp_path):
     np.testing.assert_allclose(viewer.gt_landmarks_vox, FACE_VOX, atol=1e-6)
     assert viewer.summary()["distance_mm"].tolist() == pytest.approx([4.0] * 5)
     assert viewer.title == "case0.nii.gz"
+    # world coordinates shown are the file's (mm): the ground truth's voxel maps back to its mm
+    np.testing.assert_allclose(viewer.world_mm(np.rint(FACE_VOX[0])), case.landmarks_mm[0], atol=1e-6)
+    viewer.set_point(FACE_VOX[0])
+    x, y, z = case.landmarks_mm[0]
+    assert f"({x:.1f}, {y:.1f}, {z:.1f}) mm" in viewer.status.value
+
+    # a user's own volume, shifted and with no landmarks nor predictions: still a working viewer
+    import nibabel as nib
+
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    nib.save(nib.Nifti1Image(_volume((20, 24, 10)), affine), tmp_path / "own.nii")
+    own = viz.SliceViewer.from_nifti(tmp_path / "own.nii")  # resampled to 1.5 mm voxels
+    assert own.spacing_mm == 1.5 and own.point == tuple(np.rint((np.asarray(own.shape) - 1) / 2).astype(int))
+    assert own.candidates.empty and len(own.candidate_rows) == 0
+    np.testing.assert_allclose(own.world_mm((0, 0, 0)), own.affine[:3, 3])
+    # in the file's world: along k its first 3 mm voxel (centre 30 mm) holds two 1.5 mm ones
+    np.testing.assert_allclose(own.world_mm((0, 0, 0)), [10.0, -20.0, 29.25], atol=1e-6)
     with pytest.raises(ValueError, match="file not found"):
         viz.SliceViewer.from_nifti(tmp_path / "absent.nii.gz")
