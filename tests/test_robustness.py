@@ -14,6 +14,8 @@ from fixtures_ckpt import FACE_MM, prior_file, random_volume, smoke_checkpoint, 
 
 import igrpn.cli
 import igrpn.markups
+import igrpn.reproduce
+import igrpn.train
 from igrpn import detect
 from igrpn.cli import main
 from igrpn.config import LANDMARKS
@@ -872,3 +874,54 @@ def test_a_users_missing_manifest_is_never_generated(tmp_path, capsys):
     assert status == 1
     _error_line(err, "igrpn train: error:", manifest, "manifest not found")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["predict", "markups-to-manifest", "phantom"])
+def test_an_output_files_missing_folder_is_refused_by_every_command(command, tmp_path, smoke_checkpoint, capsys):
+    """Folders given as folders (--out DIR, --markups DIR) are created; an output file's is not."""
+    good = write_nifti(tmp_path / "good.nii.gz", random_volume((20, 20, 20)))
+    target = tmp_path / "no" / "such" / ("m.csv" if command != "predict" else "p.csv")
+    argv = {
+        "predict": ["predict", good, "--checkpoint", smoke_checkpoint, "--out", target, "--quiet"],
+        "markups-to-manifest": ["markups-to-manifest", good, "--markups-dir", tmp_path, "--split", "test",
+                                "--out", target],
+        "phantom": ["phantom", "--out", tmp_path / "data", "--n", "1", "--grid", "24", "--spacing", "4",
+                    "--manifest", target, "--quiet"],
+    }[command]
+    before = _listing(tmp_path)
+    status, _, err = _run(argv, capsys)
+    assert status == 1
+    _error_line(err, target, f"directory {target.parent} does not exist")
+    assert _listing(tmp_path) == before
+
+
+def test_a_volume_whose_contrast_resampling_averages_away_says_so():
+    """2x2x2 voxels of 1 mm are one voxel at 5.2 mm (load_case's path has no extent check)."""
+    from igrpn.data import prepare_volume
+
+    with pytest.raises(ValueError) as refused:
+        prepare_volume(random_volume((2, 2, 2)), np.eye(4), 5.2, name="tiny.nii")
+    message = str(refused.value)
+    assert message.startswith("tiny.nii: no contrast left once resampled to 5.2 mm: the 1x1x1 grid")
+    assert "constant volume" not in message
+
+
+def test_evaluate_without_manifest_uses_the_profiles_data_set(tmp_path, smoke_checkpoint, capsys, monkeypatch):
+    import igrpn.phantom
+    import igrpn.report
+
+    report = tmp_path / "report"
+    (report / "runs" / "rpn_ib").mkdir(parents=True)
+    (report / "runs" / "rpn_ib" / "checkpoint.pt").write_bytes(smoke_checkpoint.read_bytes())
+    asked = []
+    monkeypatch.setattr(igrpn.phantom, "ensure_dataset", lambda manifest, profile, progress: asked.append(
+        (Path(manifest), profile.name)) or Path(manifest))
+
+    def stop(profile, manifest, *args, **kwargs):
+        raise ValueError(f"evaluated {manifest}")
+
+    monkeypatch.setattr(igrpn.report, "evaluate_runs", stop)
+    status, _, err = _run(["evaluate", "--profile", "smoke", "--report-dir", report, "--quiet"], capsys)
+    expected = igrpn.reproduce.default_manifest("smoke")
+    assert asked == [(expected, "smoke")]
+    assert status == 1 and f"evaluated {expected}" in err
