@@ -167,13 +167,17 @@ class PanelLayout:
     scale: int
     gap: int = 4
 
+    def _width(self, n: int) -> int:
+        """Pixel width of panel ``n``: its first in-plane axis (the lowest one it does not fix)."""
+        u_axis = min(a for a in range(3) if a != PLANES[n][1])
+        return self.shape[u_axis] * self.scale
+
     def panel(self, n: int) -> tuple[int, int, int, int, int]:
         """``(axis, u_axis, v_axis, left, width)`` of panel ``n`` (pixels)."""
         axis = PLANES[n][1]
         u_axis, v_axis = [a for a in range(3) if a != axis]
-        left = sum(self.shape[[a for a in range(3) if a != PLANES[m][1]][0]] * self.scale + self.gap
-                   for m in range(n))
-        return axis, u_axis, v_axis, left, self.shape[u_axis] * self.scale
+        left = sum(self._width(m) + self.gap for m in range(n))
+        return axis, u_axis, v_axis, left, self._width(n)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -721,11 +725,11 @@ class SliceViewer:
         # wheel and arrows must not scroll the page while over the image: prevent_default_action
         self.events = Event(source=self.image, watched_events=["click", "wheel", "keydown"],
                             prevent_default_action=True)
-        self.events.on_dom_event(self._on_image_event)
+        self.events.on_dom_event(self.handle_event)
         # the mouse position only updates a readout and the keys' plane: throttled (ms)
         self.hover_events = Event(source=self.image, watched_events=["mousemove"],
                                   throttle_or_debounce="throttle", wait=100)
-        self.hover_events.on_dom_event(self._on_image_event)
+        self.hover_events.on_dom_event(self.handle_event)
 
     def _build_table(self) -> None:
         """The candidate table: a header and one clickable row (ipyevents click) per box."""
@@ -955,9 +959,6 @@ class SliceViewer:
             self.step(axis, wheel_step(event.get("deltaY", 0)))
         else:
             self._update_status()
-
-    def _on_image_event(self, event: dict) -> None:
-        self.handle_event(event)
 
     # -------------------------------------------------------------- drawing
 

@@ -124,7 +124,7 @@ def _slider_values(page) -> tuple[int, int, int]:
                  for letter in "ijk")
 
 
-def _wait_for_point(page, point, timeout_ms: int = 20_000) -> None:
+def _wait_for_point(page, point, timeout_ms: int = 60_000) -> None:
     """Wait until the three sliders read ``point`` (the kernel has answered the event)."""
     page.wait_for_function(
         """target => ['i', 'j', 'k'].every((letter, n) => {
@@ -133,7 +133,7 @@ def _wait_for_point(page, point, timeout_ms: int = 20_000) -> None:
            })""", arg=[int(v) for v in point], timeout=timeout_ms)
 
 
-def _wait_for_redraw(page, image, old_source: str, timeout_ms: int = 20_000) -> None:
+def _wait_for_redraw(page, image, old_source: str, timeout_ms: int = 60_000) -> None:
     page.wait_for_function("([img, old]) => img.src !== old && img.complete && img.naturalWidth > 0",
                            arg=[image.element_handle(), old_source], timeout=timeout_ms)
 
