@@ -320,3 +320,6 @@ def test_the_viewer_works_in_jupyterlab_too(tmp_path):
         image.hover(position={"x": x, "y": y})
         page.mouse.wheel(0, -100)
         _wait_for_point(page, (target[0], target[1], target[2] + 1))
+        # the arrow keys reach the viewer, not JupyterLab's own shortcuts (ArrowUp: cell above)
+        page.keyboard.press("ArrowUp")
+        _wait_for_point(page, (target[0], target[1], target[2] + 2))
