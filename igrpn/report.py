@@ -407,11 +407,18 @@ def eye_pair_markdown(eyes: pd.DataFrame) -> str:
 DESIGN_DECISIONS = (
     "GT boxes are cubes of 14³ voxels (18.2 mm) for the eyes and 24³ (31.2 mm) for the other three "
     "landmarks (the extracted text's \"143\"/\"243\").",
-    "256 anchors sampled per volume for the classification loss, at most half positive (the torchvision "
-    "RPN's rule; Profile.classification_anchors = \"sampled\"). Screened against every anchor in a focal, "
-    "IoU-balanced loss divided by the positives (\"all\", the form of the IoU-balanced loss's own paper) and "
-    "against negatives drawn from a pool of the hardest (\"hard_pool\", MONAI's and nnDetection's sampler), "
-    "two seeds each at the same wall-clock on validation data (docs/experiments.csv): neither won.",
+    "Which anchors enter Eq. (2) (DESIGN §5 leaves it open; Profile.classification_anchors): the paper and "
+    "smoke profiles sample 256 per volume, at most half positive (the torchvision RPN's rule). The cpu "
+    "profile's RPN puts every anchor into a focal, IoU-balanced loss divided by the number of positives "
+    "(\"all\", the form of the IoU-balanced loss's own paper, built on RetinaNet), on cube anchors (below): "
+    "on validation data it beat sampling with both seeds at the same optimiser steps and a cheaper step "
+    "(docs/experiments.csv, docs/accuracy.md §13). On the paper's 64 anchor shapes the same loss did not win "
+    "(its step cost 1.4–1.6×), nor did negatives drawn from a pool of the hardest (\"hard_pool\", MONAI's "
+    "and nnDetection's sampler), negatives stratified near the face, ATSS positives or a deeper head.",
+    "Beyond DESIGN (the cpu profile's RPN, Profile.anchor_shapes = \"cubes\"): one cube per base size, 4 "
+    "anchors per cell, instead of the paper's 4³ = 64 (every (w, h, d) combination). Every GT box is a cube, "
+    "so the other 60 shapes never fit one better than a cube; with 16× fewer anchors (131 k per volume) "
+    "the loss over all of them costs less than the sampled loss on 64 shapes. The paper profile keeps 64.",
     "Beyond the paper (profile settings_by_method): the RPN trains with SGD (momentum 0.9, Nesterov, lr "
     "0.01, weight decay 3e-5; warm-up and cosine), as nnDetection and MONAI's detection tutorials train, "
     "instead of AdamW (lr 2e-3): it won on validation with both seeds at the same wall-clock budget "
