@@ -246,8 +246,9 @@ def make_anchors(grid_shape, stride: int, sizes_vox, mode: str = "combinations")
     """Anchors of a feature grid, centre form, voxels.
 
     Every cell carries the ``A`` anchors of :func:`anchor_shapes` (``mode``): by default
-    ``len(sizes_vox)**3``, every (w, h, d) combination of the base sizes. The cell ``(i, j, k)`` covers voxels ``[stride·i, stride·i + stride − 1]`` (likewise j, k)
-    of the input, so its centre is ``stride·index + (stride − 1) / 2``.
+    ``len(sizes_vox)**3``, every (w, h, d) combination of the base sizes. The cell ``(i, j, k)``
+    covers voxels ``[stride·i, stride·i + stride − 1]`` (likewise j, k) of the input, so its centre
+    is ``stride·index + (stride − 1) / 2``.
 
     Ordering is cell-major, anchor-minor: row ``cell·A + a`` with ``cell = (i·Y + j)·Z + k`` (C
     order over the grid) and ``a = (iw·S + ih)·S + id`` indexing (w, h, d) = (sizes[iw], sizes[ih],
@@ -469,14 +470,13 @@ def atss_positives(anchors: Tensor, gt_centre: Tensor, group_size: int, num_cell
         raise ValueError(f"atss_positives: num_cells must be >= 1, got {num_cells}")
     cell_centres = anchors[::group_size, :3]
     num_cells = min(int(num_cells), cell_centres.shape[0])
-    anchors_corner = centre_to_corner(anchors)
     gt_corner = centre_to_corner(gt_centre)
     best_iou = torch.zeros(anchors.shape[0], device=anchors.device)
     best_gt = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
     for g in range(gt_centre.shape[0]):
         nearest = (cell_centres - gt_centre[g, :3]).square().sum(dim=1).topk(num_cells, largest=False).indices
         candidates = group_members(nearest.sort().values, group_size)
-        iou = box_iou(anchors_corner[candidates], gt_corner[g:g + 1])[:, 0]
+        iou = box_iou(centre_to_corner(anchors[candidates]), gt_corner[g:g + 1])[:, 0]
         threshold = iou.mean() + iou.std(correction=0)
         centre = anchors[candidates, :3]
         inside = ((centre >= gt_corner[g, :3]) & (centre <= gt_corner[g, 3:])).all(dim=1)

@@ -214,8 +214,8 @@ class Profile:
 
 #: Fields added later that change no network or training when left at their defaults: a profile
 #: stored without them (an older checkpoint) still loads.
-_FIELDS_WITH_SAFE_DEFAULTS = {"epochs_by_method", "settings_by_method", "classification_anchors", "focal_gamma", "optimizer",
-                              "hard_negative_pool", "anchor_shapes", "head_convs",
+_FIELDS_WITH_SAFE_DEFAULTS = {"epochs_by_method", "settings_by_method", "classification_anchors", "focal_gamma",
+                              "optimizer", "hard_negative_pool", "anchor_shapes", "head_convs",
                               "near_face_fraction", "near_face_mm", "matcher", "atss_cells", "backbone_norm"}
 
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from igrpn import boxes as box_ops
-from igrpn.config import BACKBONE_NORMS, LANDMARKS, LEFT_RIGHT_CLASS_PAIRS, METHODS, NUM_LANDMARKS, Profile, get_profile
+from igrpn.config import (BACKBONE_NORMS, LANDMARKS, LEFT_RIGHT_CLASS_PAIRS, METHODS, NUM_LANDMARKS, Profile,
+                          get_profile)
 from igrpn.losses import iou_balanced_cross_entropy, iou_balanced_focal_loss, smooth_l1
 
 #: The backbone down-samples three times, so input edges must be multiples of 2³.
@@ -214,8 +215,8 @@ def detection_stride(profile: Profile) -> int:
 class Backbone(nn.Module):
     """3D VGG-16-like feature extractor with a U-Net-style fusion of blocks 3 and 4 (paper §2.1).
 
-    Four blocks of two [3×3×3 conv, BatchNorm (or ``norm``), ReLU] with ``width, 2w, 4w, 8w`` channels and a
-    2× max-pool between blocks (strides 1, 2, 4, 8). Block 4 is upsampled trilinearly to block 3's
+    Four blocks of two [3×3×3 conv, BatchNorm (or ``norm``), ReLU] with ``width, 2w, 4w, 8w`` channels
+    and a 2× max-pool between blocks (strides 1, 2, 4, 8). Block 4 is upsampled trilinearly to block 3's
     grid, concatenated with it, and a 3×3×3 conv (+BN+ReLU) gives ``fused`` (stride 4, 4w channels).
 
     ``stride=2`` repeats the same fusion one level further (``fused`` upsampled to block 2's grid,
@@ -238,7 +239,8 @@ class Backbone(nn.Module):
         self.stride = stride
         blocks, previous = [], in_channels
         for channels in self.block_channels:
-            blocks.append(ConvBNReLU(*_conv_bn_relu(previous, channels, norm), *_conv_bn_relu(channels, channels, norm)))
+            blocks.append(ConvBNReLU(*_conv_bn_relu(previous, channels, norm),
+                                     *_conv_bn_relu(channels, channels, norm)))
             previous = channels
         self.block1, self.block2, self.block3, self.block4 = blocks
         self.fuse = ConvBNReLU(*_conv_bn_relu(4 * width + 8 * width, 4 * width, norm))
@@ -931,7 +933,7 @@ class RPNModel(LandmarkModel):
         near = near[labels[near] == 0]
         num_near = min(round(num_neg * profile.near_face_fraction), near.numel())
         near = near[torch.randperm(near.numel(), generator=generator)[:num_near].to(near.device)]
-        # The rest among every negative not drawn yet (the near ones are set aside, not excluded from the far field).
+        # The rest at random among all negatives not drawn yet, near ones included.
         rest_labels = labels.clone()
         rest_labels[near] = -1
         rest = box_ops.sample_balanced(torch.where(rest_labels == 0, 0, -1), num_neg - num_near, 0.0, generator)
