@@ -241,11 +241,12 @@ PROFILES: dict[str, Profile] = {
         name="cpu", spacing_mm=2.6, width=16, epochs=16, batch_size=2, lr=2e-3,
         epochs_by_method={"rpn": 22, "ssd": 24, "heatmap": 30},
         # The RPN trains with SGD (Nesterov) as nnDetection and MONAI's detection tutorials do, on one
-        # cube anchor per base size with every anchor in the IoU-balanced focal loss: each won on
-        # validation with both seeds (docs/experiments.csv, docs/accuracy.md §12–13). The baselines
-        # keep AdamW and their anchors (not screened).
+        # cube anchor per base size with every anchor in the IoU-balanced focal loss and ATSS
+        # positives: each won on validation with both seeds (docs/experiments.csv, docs/accuracy.md
+        # §12–13). The baselines keep AdamW and their anchors (not screened).
         settings_by_method={"rpn": {"optimizer": "sgd", "lr": 0.01, "weight_decay": 3e-5,
-                                    "anchor_shapes": "cubes", "classification_anchors": "all"}},
+                                    "anchor_shapes": "cubes", "classification_anchors": "all",
+                                    "matcher": "atss"}},
     ),
     # The paper's sizes exactly (GPU).
     "paper": Profile(

@@ -414,11 +414,17 @@ DESIGN_DECISIONS = (
     "on validation data it beat sampling with both seeds at the same optimiser steps and a cheaper step "
     "(docs/experiments.csv, docs/accuracy.md §13). On the paper's 64 anchor shapes the same loss did not win "
     "(its step cost 1.4–1.6×), nor did negatives drawn from a pool of the hardest (\"hard_pool\", MONAI's "
-    "and nnDetection's sampler), negatives stratified near the face, ATSS positives or a deeper head.",
+    "and nnDetection's sampler), negatives stratified near the face or a deeper head; ATSS alone neither "
+    "(with cube anchors and the dense loss it did, below).",
     "Beyond DESIGN (the cpu profile's RPN, Profile.anchor_shapes = \"cubes\"): one cube per base size, 4 "
     "anchors per cell, instead of the paper's 4³ = 64 (every (w, h, d) combination). Every GT box is a cube, "
     "so the other 60 shapes never fit one better than a cube; with 16× fewer anchors (131 k per volume) "
     "the loss over all of them costs less than the sampled loss on 64 shapes. The paper profile keeps 64.",
+    "Beyond the paper (the cpu profile's RPN, Profile.matcher = \"atss\"): positives by adaptive "
+    "training-sample selection (ATSS: the anchors of the 4 cells nearest each GT, IoU at least their mean "
+    "plus standard deviation, centre inside the GT) instead of IoU > 0.5 or the best anchor; negatives stay "
+    "the paper's (IoU < 0.25 with every GT). With cube anchors and the dense loss it won on validation with "
+    "both seeds (docs/accuracy.md §13).",
     "Beyond the paper (profile settings_by_method): the RPN trains with SGD (momentum 0.9, Nesterov, lr "
     "0.01, weight decay 3e-5; warm-up and cosine), as nnDetection and MONAI's detection tutorials train, "
     "instead of AdamW (lr 2e-3): it won on validation with both seeds at the same wall-clock budget "

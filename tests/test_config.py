@@ -67,5 +67,7 @@ def test_the_paper_anchors_and_head_stay_the_default():
             "combinations", 1, "sampled")
     # the cpu profile's RPN: cube anchors and the dense focal loss (chosen on validation); its baselines keep the paper's anchors
     cpu = get_profile("cpu")
-    assert (cpu.for_method("rpn").anchor_shapes, cpu.for_method("rpn").classification_anchors) == ("cubes", "all")
+    rpn = cpu.for_method("rpn")
+    assert (rpn.anchor_shapes, rpn.classification_anchors, rpn.matcher) == ("cubes", "all", "atss")
+    assert get_profile("paper").matcher == "iou"
     assert cpu.for_method("ssd").anchor_shapes == cpu.for_method("faster_rcnn").anchor_shapes == "combinations"
