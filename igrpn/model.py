@@ -896,14 +896,26 @@ class RPNModel(LandmarkModel):
         labels[positive], matched[positive] = gt_labels[gt_index], gt_index
         return labels, matched
 
+    def _sampled_positives(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        """The positives ``sample_balanced`` would draw from ``labels`` (A,), without negatives."""
+        return box_ops.sample_balanced(torch.where(labels > 0, labels, -1), self.profile.samples_per_volume,
+                                       self.profile.positive_fraction, generator)
+
+    def _cells_centred_in(self, anchors: Tensor, boxes_corner: Tensor, margin: float = 0.0) -> Tensor:
+        """(cells,) bool: cells whose centre lies inside one of ``boxes_corner`` (G, 6), each grown
+        by ``margin`` voxels on every side. The A anchors of a cell share its centre, so the cells
+        are tested and the caller expands them to their anchors."""
+        centres = anchors[::self.num_anchors_per_cell, :3]
+        return ((centres[:, None] >= boxes_corner[None, :, :3] - margin)
+                & (centres[:, None] <= boxes_corner[None, :, 3:] + margin)).all(dim=2).any(dim=1)
+
     def _hard_pool_sample(self, volume_logits: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Sampled positives as ``sample_balanced`` draws them, and as many negatives drawn at
         random from the ``hard_negative_pool`` × that many background anchors with the highest
         foreground log-odds (a pool, not the very hardest: a few mislabelled look-alikes cannot
         dominate the loss)."""
         profile = self.profile
-        positives = box_ops.sample_balanced(torch.where(labels > 0, labels, -1), profile.samples_per_volume,
-                                            profile.positive_fraction, generator)
+        positives = self._sampled_positives(labels, generator)
         num_neg = profile.samples_per_volume - positives.numel()
         pool = box_ops.hardest_negatives(labels, _foreground_log_odds(volume_logits),
                                          profile.hard_negative_pool * num_neg, group_size=self.num_anchors_per_cell)
@@ -920,16 +932,10 @@ class RPNModel(LandmarkModel):
         the arg-max are; unlike mining by score, this does not pick the classifier's own mistakes.
         """
         profile = self.profile
-        positives = box_ops.sample_balanced(torch.where(labels > 0, labels, -1), profile.samples_per_volume,
-                                            profile.positive_fraction, generator)
+        positives = self._sampled_positives(labels, generator)
         num_neg = profile.samples_per_volume - positives.numel()
-        margin = profile.mm_to_vox(profile.near_face_mm)
-        # The A anchors of a cell share its centre: test the cells, then expand to their anchors.
-        per_cell = self.num_anchors_per_cell
-        cell_centres = anchors[::per_cell, :3]
-        inside = ((cell_centres[:, None] >= gt_corner[None, :, :3] - margin)
-                  & (cell_centres[:, None] <= gt_corner[None, :, 3:] + margin)).all(dim=2).any(dim=1)
-        near = box_ops.group_members(torch.nonzero(inside).flatten(), per_cell)
+        inside = self._cells_centred_in(anchors, gt_corner, margin=profile.mm_to_vox(profile.near_face_mm))
+        near = box_ops.group_members(torch.nonzero(inside).flatten(), self.num_anchors_per_cell)
         near = near[labels[near] == 0]
         num_near = min(round(num_neg * profile.near_face_fraction), near.numel())
         near = near[torch.randperm(near.numel(), generator=generator)[:num_near].to(near.device)]
@@ -949,9 +955,7 @@ class RPNModel(LandmarkModel):
         # Only places outside every GT box: a wrong-shaped anchor on a landmark is a negative too,
         # but its box centre is still the right answer. The A anchors of a cell share its centre.
         per_cell = self.num_anchors_per_cell
-        cell_centres = anchors[::per_cell, :3]
-        inside = ((cell_centres[:, None] - gt_centre[None, :, :3]).abs()
-                  <= gt_centre[None, :, 3:] / 2).all(dim=2).any(dim=1)
+        inside = self._cells_centred_in(anchors, box_ops.centre_to_corner(gt_centre))
         hardness.view(-1, per_cell)[inside] = float("-inf")
         return box_ops.hardest_negatives(labels, hardness, self.profile.hard_negatives_per_volume,
                                          exclude=chosen, group_size=per_cell)
