@@ -335,10 +335,9 @@ def step_seconds(profiles: list[Profile], method: str, manifest: Path, rounds: i
     Returns:
         per profile, the mean seconds per step of each round.
     """
-    from igrpn import distributed
     from igrpn.data import LandmarkDataset, collate, load_cases, read_manifest
     from igrpn.model import build_model
-    from igrpn.train import make_optimizer
+    from igrpn.train import make_optimizer, optimiser_step
 
     table = read_manifest(manifest)
     cases = load_cases(table[table["split"] == "train"].head(2), profiles[0].spacing_mm, progress=False)
@@ -351,11 +350,8 @@ def step_seconds(profiles: list[Profile], method: str, manifest: Path, rounds: i
         setups.append((model, make_optimizer(model.parameters(), profile), profile))
 
     def one_step(model, optimizer, profile):
-        with distributed.autocast(device, enabled=profile.mixed_precision):
-            losses = model.loss(model(batch["volume"]), batch["landmarks_vox"])
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+        optimiser_step(model, model, optimizer, batch["volume"], batch["landmarks_vox"], device,
+                       profile.mixed_precision)
 
     for setup in setups:
         one_step(*setup)

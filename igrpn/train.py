@@ -99,6 +99,20 @@ def learning_rate_at(fraction: float, base_lr: float, warmup_fraction: float = 0
     return base_lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def optimiser_step(model, net, optimizer: torch.optim.Optimizer, volumes: torch.Tensor, landmarks_vox: torch.Tensor,
+                   device: torch.device, use_bf16: bool) -> dict:
+    """One training step: forward (through ``net``, the model or its DDP wrapper) and loss under
+    :func:`distributed.autocast`, backward, gradient clipping, optimiser step. Returns the losses."""
+    with distributed.autocast(device, enabled=use_bf16):
+        losses = model.loss(net(volumes), landmarks_vox)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    # Clipping keeps the first steps of the untuned heads from blowing up the BN statistics.
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+    optimizer.step()
+    return losses
+
+
 def make_optimizer(parameters, profile: Profile) -> torch.optim.Optimizer:
     """The profile's optimiser (``profile.optimizer``) at ``profile.lr``."""
     if profile.optimizer == "sgd":
@@ -500,13 +514,8 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
                 group["lr"] = lr
             step_start = time.perf_counter()
             volumes = batch["volume"].to(context.device, non_blocking=True)
-            with distributed.autocast(context.device, enabled=use_bf16):
-                losses = model.loss(net(volumes), batch["landmarks_vox"].to(context.device))
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            # Clipping keeps the first steps of the untuned heads from blowing up the BN statistics.
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-            optimizer.step()
+            losses = optimiser_step(model, net, optimizer, volumes, batch["landmarks_vox"].to(context.device),
+                                    context.device, use_bf16)
             global_step += 1
             values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
             values = distributed.all_reduce_mean(values)  # means over the global batch (unchanged in one process)
