@@ -43,7 +43,7 @@ from igrpn.config import LANDMARKS, Profile, get_profile
 LOG_COLUMNS = (
     "date", "name", "change", "method", "iou_balance", "seed", "budget_s", "train_s", "steps", "epochs",
     "val_cases", "val_d_mean", *(f"val_{name}" for name in LANDMARKS), "val_d_median", "val_hit50",
-    "val_eyes_found", "note",
+    "val_eyes_found", "val_prior_d_mean", "val_prior_hit50", "val_prior_eyes_found", "note",
 )
 PEER_METHOD = "monai_retinanet"
 DEFAULT_LOG = Path("docs/experiments.csv")
@@ -93,31 +93,59 @@ def score_answers(chosen: pd.DataFrame, gt: pd.DataFrame) -> dict:
     return row
 
 
-def validation_answers(checkpoint: Path, cases) -> pd.DataFrame:
-    """Selected answers (no prior) of a trained igrpn model on ``cases``."""
-    from igrpn.detect import Detector
+def validation_answers(checkpoint: Path, cases, prior=None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Selected answers of a trained igrpn model on ``cases``: without the prior, and with
+    ``prior`` (a fitted ``GraphPrior``) as ``make reproduce`` applies it (``None`` without one)."""
+    from igrpn.detect import Detector, predict_cases
     from igrpn.report import answers
 
-    detector = Detector.from_checkpoint(checkpoint)
-    rows = [answers(detector.predict_grid(case.volume, case.affine)).assign(case_id=case.case_id)
-            for case in cases]
-    return pd.concat(rows, ignore_index=True)
+    plain, with_prior, _ = predict_cases(Detector.from_checkpoint(checkpoint), cases, prior=prior, progress=False)
+    return answers(plain), (answers(with_prior) if with_prior is not None else None)
+
+
+def peer_validation_answers(result: dict, cases, prior=None) -> tuple[pd.DataFrame, None]:
+    """The peer's selected answers on ``cases``; the graph prior is igrpn's and not applied to it."""
+    from igrpn import peer
+
+    return peer.validation_answers(result, cases), None
+
+
+def validation_prior(train_table: pd.DataFrame):
+    """The graph prior fitted on the landmarks of the volumes a run trained on (never the
+    validation hold-out's)."""
+    from igrpn.prior import GraphPrior, landmarks_from_manifest
+
+    return GraphPrior().fit(landmarks_from_manifest(train_table))
+
+
+def summary(row: dict) -> str:
+    """One line of a logged row's validation scores, with the prior's where it was applied."""
+    text = f"val d-mean {row['val_d_mean']:.2f} mm, hit50 {row['val_hit50']:.2f}, eyes found {row['val_eyes_found']}"
+    if "val_prior_d_mean" in row:
+        text += f"; with the prior {row['val_prior_d_mean']:.2f} mm, hit50 {row['val_prior_hit50']:.2f}"
+    return text
 
 
 def append_row(row: dict, path: Path) -> None:
-    """Append one row to the log (header written when the file is new); never a half-written file."""
+    """Append one row to the log (header written when the file is new; a log written with fewer
+    columns is rewritten with today's, its old rows' new cells empty); never a half-written file."""
     from igrpn.markups import atomic_write_files
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    existing = path.read_text() if path.exists() else ""
+    old_rows = []
+    if path.exists() and path.read_text().strip():
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            unknown = [c for c in (reader.fieldnames or []) if c not in LOG_COLUMNS]
+            if unknown:
+                raise ValueError(f"{path}: columns {unknown} are not experiment-log columns {list(LOG_COLUMNS)}")
+            old_rows = list(reader)
     buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-    if not existing:
-        writer.writeheader()
-    elif not existing.endswith("\n"):
-        existing += "\n"
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore", restval="")
+    writer.writeheader()
+    writer.writerows(old_rows)
     writer.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_files({path: existing + buffer.getvalue()})
+    atomic_write_files({path: buffer.getvalue()})
 
 
 def run_profile(base: str, method: str, overrides: dict) -> Profile:
@@ -148,7 +176,7 @@ def run_one(name: str, overrides: dict, method: str, iou_balance: bool, seed: in
         from igrpn import peer
 
         result = peer.train_peer(profile, seed, out_dir, manifest, budget_s, progress=progress)
-        answer = functools.partial(peer.validation_answers, result)
+        answer = functools.partial(peer_validation_answers, result)
         steps, train_s = result["steps"], result["train_seconds"]
     else:
         checkpoint = training.train(profile, method=method, iou_balance=iou_balance, seed=seed, out_dir=out_dir,
@@ -176,7 +204,8 @@ def _log_run(name: str, overrides: dict, method: str, iou_balance: bool, seed: i
              note: str) -> dict:
     """Score a trained run on the seed's validation hold-out and append its row to the log.
 
-    ``answer(cases)`` returns the run's selected answers on the validation cases.
+    ``answer(cases, prior)`` returns the run's selected answers on the validation cases, without
+    and with the graph prior fitted on the run's training volumes (``None`` where not applied).
     """
     from igrpn.data import load_cases, read_manifest
     from igrpn.report import ground_truth
@@ -190,7 +219,13 @@ def _log_run(name: str, overrides: dict, method: str, iou_balance: bool, seed: i
            "method": method, "iou_balance": iou_balance, "seed": seed, "budget_s": budget_s,
            "train_s": train_s, "steps": int(steps),
            "epochs": float(steps * profile.batch_size / max(1, len(train_ids))), "note": note}
-    row.update(score_answers(answer(cases), ground_truth(cases)))
+    plain, with_prior = answer(cases, validation_prior(train_table[train_table["case_id"].isin(train_ids)]))
+    gt = ground_truth(cases)
+    row.update(score_answers(plain, gt))
+    if with_prior is not None:
+        scored = score_answers(with_prior, gt)
+        row.update({"val_prior_d_mean": scored["val_d_mean"], "val_prior_hit50": scored["val_hit50"],
+                    "val_prior_eyes_found": scored["val_eyes_found"]})
     append_row(row, log_path)
     return row
 
@@ -301,8 +336,7 @@ def score_main(argv: list[str]) -> int:
     for checkpoint in args.checkpoints:
         row = score_checkpoint(args.name, Path(checkpoint), Path(args.manifest).resolve(), Path(args.log),
                                note=args.note)
-        print(f"{checkpoint}: val d-mean {row['val_d_mean']:.2f} mm, hit50 {row['val_hit50']:.2f}, "
-              f"{row['steps']} steps in {row['train_s']:.0f} s")
+        print(f"{checkpoint}: {summary(row)}, {row['steps']} steps in {row['train_s']:.0f} s")
     return 0
 
 
@@ -424,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         row = run_one(args.name, overrides, args.method, not args.no_iou_balance, seed, budget_s, manifest,
                       Path(args.out), Path(args.log), base=args.base, note=args.note,
                       validate_every=args.validate_every)
-        print(f"{args.name} seed {seed}: val d-mean {row['val_d_mean']:.2f} mm, hit50 {row['val_hit50']:.2f}, "
-              f"eyes found {row['val_eyes_found']}, {row['steps']} steps in {row['train_s']:.0f} s", flush=True)
+        print(f"{args.name} seed {seed}: {summary(row)}, {row['steps']} steps in {row['train_s']:.0f} s", flush=True)
     return 0
 
 

@@ -67,6 +67,8 @@ def test_one_budgeted_run_appends_one_row_scored_on_validation(smoke_manifest, t
     table = pd.read_csv(log)
     assert list(table.columns) == list(experiment.LOG_COLUMNS)
     assert list(table["seed"]) == [0, 1] and set(table["change"]) == {"lr=0.003"}
+    # IG-RPN is scored on the same hold-out, with a prior fitted on the run's training volumes only
+    assert table["val_prior_d_mean"].notna().all() and table["val_prior_eyes_found"].str.endswith("/2").all()
     assert (table["steps"] >= 1).all() and table["val_d_mean"].notna().all()
     # the validation cases are the run's own hold-out, never the test split
     from igrpn import train
@@ -87,3 +89,22 @@ def test_step_times_come_per_configuration_and_round(smoke_manifest, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("baseline") and "x1.00" in lines[0]
     assert lines[1].startswith("head_convs=3; anchor_shapes=cubes") and "s/step" in lines[1]
+
+
+def test_a_log_with_fewer_columns_is_rewritten_with_todays(tmp_path):
+    log = tmp_path / "experiments.csv"
+    old_columns = [c for c in experiment.LOG_COLUMNS if not c.startswith("val_prior")]
+    log.write_text(",".join(old_columns) + "\n" + ",".join("old" if c == "name" else "" for c in old_columns) + "\n")
+    experiment.append_row({"name": "new", "val_prior_d_mean": 4.25}, log)
+    table = pd.read_csv(log)
+    assert list(table.columns) == list(experiment.LOG_COLUMNS)
+    assert list(table["name"]) == ["old", "new"]
+    assert pd.isna(table["val_prior_d_mean"][0]) and table["val_prior_d_mean"][1] == 4.25
+
+
+def test_a_log_with_unknown_columns_is_refused_not_rewritten(tmp_path):
+    log = tmp_path / "experiments.csv"
+    log.write_text("name,mystery\nold,1\n")
+    with pytest.raises(ValueError, match="mystery"):
+        experiment.append_row({"name": "new"}, log)
+    assert log.read_text() == "name,mystery\nold,1\n"
