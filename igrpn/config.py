@@ -7,6 +7,7 @@ paper's voxel numbers hold exactly at 1.3 mm and a coarser profile keeps the sam
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 #: Landmark names in class-id order (class id = index + 1; 0 is background). Left/right are the
@@ -84,6 +85,8 @@ class Profile:
     near_face_fraction: float = 0.5
     near_face_mm: float = 20.0
     focal_gamma: float = 2.0
+    #: Weight of the RPN's smooth-L1 regression beside its classification loss (the paper: 1)
+    regression_weight: float = 1.0
     hard_negative_pool: int = 20
     #: ``"adamw"`` (AdamW, ``lr``, ``weight_decay``) or ``"sgd"`` (momentum 0.9, Nesterov, as
     #: nnDetection and MONAI's detection tutorials train); both with warm-up and cosine decay.
@@ -134,6 +137,9 @@ class Profile:
         if not 0.0 <= self.near_face_fraction <= 1.0 or not self.near_face_mm >= 0:
             raise ValueError(f"profile {self.name!r}: near_face_fraction must be in [0, 1] and near_face_mm >= 0, "
                              f"got {self.near_face_fraction!r} and {self.near_face_mm!r}")
+        if not (math.isfinite(self.regression_weight) and self.regression_weight > 0):
+            raise ValueError(f"profile {self.name!r}: regression_weight must be a finite number > 0, "
+                             f"got {self.regression_weight!r}")
         if self.matcher not in MATCHERS:
             raise ValueError(f"profile {self.name!r}: matcher must be one of {list(MATCHERS)}, got {self.matcher!r}")
         if int(self.atss_cells) != self.atss_cells or self.atss_cells < 1:
@@ -216,7 +222,8 @@ class Profile:
 #: stored without them (an older checkpoint) still loads.
 _FIELDS_WITH_SAFE_DEFAULTS = {"epochs_by_method", "settings_by_method", "classification_anchors", "focal_gamma",
                               "optimizer", "hard_negative_pool", "anchor_shapes", "head_convs",
-                              "near_face_fraction", "near_face_mm", "matcher", "atss_cells", "backbone_norm"}
+                              "near_face_fraction", "near_face_mm", "matcher", "atss_cells", "backbone_norm",
+                              "regression_weight"}
 
 
 PROFILES: dict[str, Profile] = {

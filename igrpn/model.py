@@ -866,7 +866,7 @@ class RPNModel(LandmarkModel):
         num_pos = is_pos.sum()
         mean_pos_iou = ious[is_pos].mean() if bool(num_pos) else ious.new_zeros(())
         return {
-            "loss": loss_cls + loss_reg,
+            "loss": loss_cls + self.profile.regression_weight * loss_reg,
             "loss_cls": loss_cls.detach(),
             "loss_reg": loss_reg.detach(),
             "num_pos": num_pos.float(),

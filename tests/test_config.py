@@ -54,6 +54,8 @@ def test_settings_by_method_are_resolved_for_their_method_only():
     ("anchor_shapes", "spheres", "anchor_shapes must be one of"),
     ("head_convs", 0, "head_convs must be a positive integer"),
     ("head_convs", 2.5, "head_convs must be a positive integer"),
+    ("regression_weight", 0.0, "regression_weight must be a finite number > 0"),
+    ("regression_weight", float("nan"), "regression_weight must be a finite number > 0"),
 ])
 def test_bad_anchor_and_head_settings_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -99,6 +99,19 @@ def test_rpn_flatten_is_cell_major_anchor_minor():
     assert torch.equal(flat[:, 5] - flat[:, 0], torch.full_like(rows, 5))
 
 
+def test_the_regression_weight_scales_the_regression_term_only():
+    torch.manual_seed(0)
+    model = RPNModel(PROFILE)
+    heavy = copy.deepcopy(model)
+    heavy.profile = dataclasses.replace(PROFILE, regression_weight=3.0)
+    volumes = synthetic_volume(LANDMARKS_VOX).repeat(2, 1, 1, 1, 1)
+    landmarks = LANDMARKS_VOX.expand(2, 5, 3)
+    plain, weighted = model.loss(model(volumes), landmarks), heavy.loss(heavy(volumes), landmarks)
+    assert torch.equal(plain["loss_cls"], weighted["loss_cls"]) and torch.equal(plain["loss_reg"], weighted["loss_reg"])
+    assert plain["loss_reg"].item() > 0
+    assert weighted["loss"].item() == pytest.approx(plain["loss_cls"].item() + 3.0 * plain["loss_reg"].item(), rel=1e-5)
+
+
 def test_rpn_loss_outputs_and_reproducibility():
     torch.manual_seed(0)
     model = RPNModel(PROFILE)
