@@ -132,14 +132,12 @@ def append_row(row: dict, path: Path) -> None:
     from igrpn.markups import atomic_write_files
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    old_rows = []
-    if path.exists() and path.read_text().strip():
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            unknown = [c for c in (reader.fieldnames or []) if c not in LOG_COLUMNS]
-            if unknown:
-                raise ValueError(f"{path}: columns {unknown} are not experiment-log columns {list(LOG_COLUMNS)}")
-            old_rows = list(reader)
+    text = path.read_text() if path.exists() else ""
+    reader = csv.DictReader(io.StringIO(text if text.strip() else "", newline=""))
+    unknown = [c for c in (reader.fieldnames or []) if c not in LOG_COLUMNS]
+    if unknown:
+        raise ValueError(f"{path}: columns {unknown} are not experiment-log columns {list(LOG_COLUMNS)}")
+    old_rows = list(reader)
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore", restval="")
     writer.writeheader()
