@@ -33,6 +33,8 @@ METHODS: tuple[str, ...] = ("rpn", "ssd", "faster_rcnn", "heatmap")
 CLASSIFICATION_ANCHORS: tuple[str, ...] = ("sampled", "all", "hard_pool", "near_face")
 #: Values of ``Profile.backbone_norm``.
 BACKBONE_NORMS: tuple[str, ...] = ("batch", "group", "instance")
+#: Values of ``Profile.fusion``.
+FUSIONS: tuple[str, ...] = ("concat", "sum")
 #: Values of ``Profile.matcher``.
 MATCHERS: tuple[str, ...] = ("iou", "atss")
 #: Values of ``Profile.anchor_shapes`` (igrpn.boxes.ANCHOR_MODES).
@@ -61,6 +63,14 @@ class Profile:
     #: Normalisation of the RPN's backbone: ``"batch"`` (DESIGN §5), ``"group"`` or ``"instance"``
     #: (nnDetection's choice for small 3D batches); the inference fast path folds BatchNorm only
     backbone_norm: str = "batch"
+    #: How the backbone merges a coarser map into a finer one: ``"concat"`` (the paper's U-Net
+    #: fusion: upsample, concatenate, 3×3×3 conv over both) or ``"sum"`` (FPN: a 1×1×1 projection of
+    #: the coarser map to the finer map's channels, upsampled and added, then the 3×3×3 conv over
+    #: the finer map's channels alone; about a third of the convolution FLOPs at 5.2 mm cells)
+    fusion: str = "concat"
+    #: [3×3×3 conv, norm, ReLU] layers of block 1, the full-resolution block: the paper's 2, or 1
+    #: (the costliest convolution of the backbone dropped)
+    block1_convs: int = 2
     #: 3×3×3 convolutions of the RPN head: the paper's 1, or more with GroupNorm (RetinaNet's heads have 4)
     head_convs: int = 1
     gt_box_mm: tuple[float, ...] = GT_BOX_MM
@@ -147,6 +157,10 @@ class Profile:
         if self.backbone_norm not in BACKBONE_NORMS:
             raise ValueError(f"profile {self.name!r}: backbone_norm must be one of {list(BACKBONE_NORMS)}, "
                              f"got {self.backbone_norm!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"profile {self.name!r}: fusion must be one of {list(FUSIONS)}, got {self.fusion!r}")
+        if self.block1_convs not in (1, 2):
+            raise ValueError(f"profile {self.name!r}: block1_convs must be 1 or 2, got {self.block1_convs!r}")
         if self.anchor_shapes not in ANCHOR_SHAPES:
             raise ValueError(f"profile {self.name!r}: anchor_shapes must be one of {list(ANCHOR_SHAPES)}, "
                              f"got {self.anchor_shapes!r}")
@@ -223,7 +237,7 @@ class Profile:
 _FIELDS_WITH_SAFE_DEFAULTS = {"epochs_by_method", "settings_by_method", "classification_anchors", "focal_gamma",
                               "optimizer", "hard_negative_pool", "anchor_shapes", "head_convs",
                               "near_face_fraction", "near_face_mm", "matcher", "atss_cells", "backbone_norm",
-                              "regression_weight"}
+                              "regression_weight", "fusion", "block1_convs"}
 
 
 PROFILES: dict[str, Profile] = {

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from igrpn import boxes as box_ops
-from igrpn.config import (BACKBONE_NORMS, LANDMARKS, LEFT_RIGHT_CLASS_PAIRS, METHODS, NUM_LANDMARKS, Profile,
+from igrpn.config import (BACKBONE_NORMS, FUSIONS, LANDMARKS, LEFT_RIGHT_CLASS_PAIRS, METHODS, NUM_LANDMARKS, Profile,
                           get_profile)
 from igrpn.losses import iou_balanced_cross_entropy, iou_balanced_focal_loss, smooth_l1
 
@@ -224,27 +224,47 @@ class Backbone(nn.Module):
     resolution then keeps the paper's 5.2 mm feature cells (4 voxels of 1.3 mm), so that small
     boxes still get well-overlapping anchors (:func:`detection_stride`). ``features`` is the map the
     detection heads use: ``fused`` at stride 4, the finer map at stride 2.
+
+    Beyond the paper (profile fields): ``fusion="sum"`` merges as an FPN does instead — a 1×1×1
+    projection (``lateral``, ``lateral_fine``) of the coarser map to the finer map's channels,
+    upsampled and added to it, then the same 3×3×3 conv over those channels only;
+    ``block1_convs=1`` keeps only the first conv of block 1.
     """
 
-    def __init__(self, width: int, in_channels: int = 1, stride: int = 4, norm: str = "batch"):
+    def __init__(self, width: int, in_channels: int = 1, stride: int = 4, norm: str = "batch",
+                 fusion: str = "concat", block1_convs: int = 2):
         super().__init__()
         if width < 1 or in_channels < 1:
             raise ValueError(f"Backbone: width and in_channels must be >= 1, got {width}, {in_channels}")
         if stride not in (2, 4):
             raise ValueError(f"Backbone: stride must be 2 or 4, got {stride}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"Backbone: fusion must be one of {list(FUSIONS)}, got {fusion!r}")
+        if block1_convs not in (1, 2):
+            raise ValueError(f"Backbone: block1_convs must be 1 or 2, got {block1_convs!r}")
         self.width = width
         self.block_channels = (width, 2 * width, 4 * width, 8 * width)
         self.block_strides = (1, 2, 4, 8)
         #: stride of ``features`` relative to the input
         self.stride = stride
+        self.fusion = fusion
         blocks, previous = [], in_channels
-        for channels in self.block_channels:
-            blocks.append(ConvBNReLU(*_conv_bn_relu(previous, channels, norm),
-                                     *_conv_bn_relu(channels, channels, norm)))
+        for index, channels in enumerate(self.block_channels):
+            layers = _conv_bn_relu(previous, channels, norm)
+            if index > 0 or block1_convs == 2:
+                layers += _conv_bn_relu(channels, channels, norm)
+            blocks.append(ConvBNReLU(*layers))
             previous = channels
         self.block1, self.block2, self.block3, self.block4 = blocks
-        self.fuse = ConvBNReLU(*_conv_bn_relu(4 * width + 8 * width, 4 * width, norm))
-        self.fuse_fine = ConvBNReLU(*_conv_bn_relu(4 * width + 2 * width, 2 * width, norm)) if stride == 2 else None
+        if fusion == "concat":
+            self.fuse = ConvBNReLU(*_conv_bn_relu(4 * width + 8 * width, 4 * width, norm))
+            self.fuse_fine = (ConvBNReLU(*_conv_bn_relu(4 * width + 2 * width, 2 * width, norm))
+                              if stride == 2 else None)
+        else:
+            self.lateral = nn.Conv3d(8 * width, 4 * width, kernel_size=1)
+            self.fuse = ConvBNReLU(*_conv_bn_relu(4 * width, 4 * width, norm))
+            self.lateral_fine = nn.Conv3d(4 * width, 2 * width, kernel_size=1) if stride == 2 else None
+            self.fuse_fine = ConvBNReLU(*_conv_bn_relu(2 * width, 2 * width, norm)) if stride == 2 else None
         #: channels of ``features``
         self.out_channels = 2 * width if stride == 2 else 4 * width
         # Channels-last weights: oneDNN then keeps every activation channels-last instead of
@@ -270,14 +290,22 @@ class Backbone(nn.Module):
         block2 = self.block2(F.max_pool3d(block1, 2))
         block3 = self.block3(F.max_pool3d(block2, 2))
         block4 = self.block4(F.max_pool3d(block3, 2))
-        upsampled = F.interpolate(block4, size=block3.shape[2:], mode="trilinear", align_corners=False)
-        fused = self.fuse(torch.cat([block3, upsampled], dim=1))
+        fused = self._merge(block3, block4, self.fuse, getattr(self, "lateral", None))
         features = fused
         if self.fuse_fine is not None:
-            upsampled = F.interpolate(fused, size=block2.shape[2:], mode="trilinear", align_corners=False)
-            features = self.fuse_fine(torch.cat([block2, upsampled], dim=1))
+            features = self._merge(block2, fused, self.fuse_fine, getattr(self, "lateral_fine", None))
         return {"block1": block1, "block2": block2, "block3": block3, "block4": block4, "fused": fused,
                 "features": features}
+
+    def _merge(self, fine: Tensor, coarse: Tensor, conv: ConvBNReLU, lateral: nn.Conv3d | None) -> Tensor:
+        """``coarse`` (N, C', X/2, …) merged into ``fine`` (N, C, X, …) -> (N, C_out, X, …)."""
+        if lateral is None:  # the paper's concatenation
+            upsampled = F.interpolate(coarse, size=fine.shape[2:], mode="trilinear", align_corners=False)
+            return conv(torch.cat([fine, upsampled], dim=1))
+        # Project before upsampling: the 1×1×1 conv then runs on 8× fewer voxels (same result,
+        # both are linear per voxel).
+        upsampled = F.interpolate(lateral(coarse), size=fine.shape[2:], mode="trilinear", align_corners=False)
+        return conv(fine + upsampled)
 
 
 class LandmarkModel(nn.Module):
@@ -736,7 +764,8 @@ class RPNModel(LandmarkModel):
 
     def __init__(self, profile: Profile, iou_balance: bool = True):
         super().__init__(profile, iou_balance)
-        self.backbone = Backbone(profile.width, stride=detection_stride(profile), norm=profile.backbone_norm)
+        self.backbone = Backbone(profile.width, stride=detection_stride(profile), norm=profile.backbone_norm,
+                                 fusion=profile.fusion, block1_convs=profile.block1_convs)
         self.stride = self.backbone.stride
         channels = self.backbone.out_channels
         self.num_anchors_per_cell = self.anchors_per_cell()

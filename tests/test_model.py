@@ -289,3 +289,36 @@ def test_backbone_norm_replaces_every_batchnorm_and_inference_matches_the_plain_
     assert torch.allclose(fast, plain, atol=1e-5)
     with pytest.raises(ValueError, match="backbone_norm must be one of"):
         dataclasses.replace(PROFILE, backbone_norm="layer")
+
+
+def test_sum_fusion_adds_a_projected_coarse_map_and_block1_can_drop_its_second_conv():
+    torch.manual_seed(0)
+    backbone = Backbone(width=4, stride=2, fusion="sum", block1_convs=1).eval()
+    assert len(backbone.block1) == 3 and len(backbone.block2) == 6  # one [conv, BN, ReLU] triple against two
+    # the fusion convolutions see the finer map's channels only (4w and 2w), not the concatenation
+    assert backbone.fuse[0].in_channels == 16 and backbone.fuse_fine[0].in_channels == 8
+    volume = torch.randn(1, 1, 32, 24, 16)
+    with torch.no_grad():
+        out = backbone(volume)
+        # by hand: 1×1×1 projection of block 4, upsampled to block 3's grid, added, then the conv
+        upsampled = torch.nn.functional.interpolate(backbone.lateral(out["block4"]), size=(8, 6, 4),
+                                                    mode="trilinear", align_corners=False)
+        with fast_inference(False):
+            expected = backbone.fuse(out["block3"] + upsampled)
+    assert out["features"].shape == (1, 8, 16, 12, 8)
+    assert torch.allclose(out["fused"], expected, atol=1e-5)
+
+
+def test_backbone_variants_are_profile_fields_of_the_rpn_and_bad_values_are_refused():
+    profile = dataclasses.replace(PROFILE, fusion="sum", block1_convs=1)
+    model = RPNModel(profile)
+    assert model.backbone.fusion == "sum" and len(model.backbone.block1) == 3
+    paper = RPNModel(PROFILE)
+    assert paper.backbone.fusion == "concat" and not hasattr(paper.backbone, "lateral")
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in paper.parameters())
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        dataclasses.replace(PROFILE, fusion="add")
+    with pytest.raises(ValueError, match="block1_convs must be 1 or 2"):
+        dataclasses.replace(PROFILE, block1_convs=3)
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        Backbone(width=4, fusion="max")
