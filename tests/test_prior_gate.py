@@ -1,12 +1,18 @@
 """benchmarks.prior_gate: the gated graph prior and the confident-answer filter (analysis code)."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from benchmarks.prior_gate import GatedPrior, confident_kept
-from igrpn.detect import select_answers
-from igrpn.prior import GraphPrior
-from test_detect import FACE, answers, candidate_rows
+REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ and the sibling test module are folders of the repository, not of the package.
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from benchmarks.prior_gate import GatedPrior, confident_kept  # noqa: E402
+from igrpn.detect import select_answers  # noqa: E402
+from igrpn.prior import GraphPrior  # noqa: E402
+from test_detect import FACE, answers, candidate_rows  # noqa: E402
 
 
 class _NoPairing:
