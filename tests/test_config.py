@@ -71,5 +71,8 @@ def test_the_paper_anchors_and_head_stay_the_default():
     cpu = get_profile("cpu")
     rpn = cpu.for_method("rpn")
     assert (rpn.anchor_shapes, rpn.classification_anchors, rpn.matcher) == ("cubes", "all", "atss")
+    assert (rpn.fusion, rpn.block1_convs) == ("sum", 1)
     assert get_profile("paper").matcher == "iou"
+    assert (get_profile("paper").fusion, get_profile("paper").block1_convs) == ("concat", 2)
+    assert cpu.for_method("heatmap").fusion == "concat"
     assert cpu.for_method("ssd").anchor_shapes == cpu.for_method("faster_rcnn").anchor_shapes == "combinations"
