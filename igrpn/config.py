@@ -66,7 +66,7 @@ class Profile:
     #: How the backbone merges a coarser map into a finer one: ``"concat"`` (the paper's U-Net
     #: fusion: upsample, concatenate, 3×3×3 conv over both) or ``"sum"`` (FPN: a 1×1×1 projection of
     #: the coarser map to the finer map's channels, upsampled and added, then the 3×3×3 conv over
-    #: the finer map's channels alone; about a third of the convolution FLOPs at 5.2 mm cells)
+    #: the finer map's channels alone: each fusion conv then costs a third of the concatenation's)
     fusion: str = "concat"
     #: [3×3×3 conv, norm, ReLU] layers of block 1, the full-resolution block: the paper's 2, or 1
     #: (the costliest convolution of the backbone dropped)
