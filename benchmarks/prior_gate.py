@@ -95,8 +95,7 @@ def main(argv=None) -> None:
     candidates, gt, detector, fit_table = validation_candidates(args.checkpoint, args.seed, args.manifest.resolve())
     prior = validation_prior(fit_table)
     largest = float(prior.log_penalty(landmarks_from_manifest(fit_table)).max())
-    rules = [("no prior", None), ("paper (Eq. 4)", prior)]
-    rules = [(label, rule, None) for label, rule in rules]
+    rules = [("no prior", None, None), ("paper (Eq. 4)", prior, None)]
     rules += [(f"gated, margin {m:g}", GatedPrior(prior, largest + m), None) for m in args.margins]
     rules += [(f"prior if score < {t:g}", prior, t) for t in args.min_scores]
     print(f"{args.checkpoint} (seed {args.seed}, {len(candidates)} validation volumes; "
