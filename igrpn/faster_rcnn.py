@@ -217,7 +217,8 @@ class FasterRCNNModel(LandmarkModel):
         self.post_nms_top_n = {k: int(extra.get(f"frcnn_post_nms_{k}", v)) for k, v in POST_NMS_TOP_N.items()}
         #: RoIs sampled per volume for stage two (64 at samples_per_volume = 256).
         self.rois_per_volume = int(extra.get("frcnn_rois_per_volume", max(32, profile.samples_per_volume // 4)))
-        self.backbone = Backbone(profile.width, stride=detection_stride(profile))
+        self.backbone = Backbone(profile.width, stride=detection_stride(profile), fusion=profile.fusion,
+                                 block1_convs=profile.block1_convs)
         self.stride = self.backbone.stride
         channels = self.backbone.out_channels
         self.num_anchors_per_cell = self.anchors_per_cell()

@@ -480,11 +480,11 @@ DESIGN_DECISIONS = (
     "has p ≈ 0.12 with the next 1000 within 0.03 nats, spread over the whole face (without: p ≈ 0.8–1.0, "
     "concentrated). Mining them inside other landmarks' boxes too did the same (24.9 mm, p ≈ 0.12), and "
     "32 per volume flattened it less (25.9 mm, p ≈ 0.28); docs/accuracy.md §6, §8.",
-    "Beyond DESIGN (profile epochs_by_method): each method trains the epochs that fill about 9 of the 10 "
-    "minutes one training may take on the 2-core machine, rather than one epoch count for all: a step of "
-    "Faster R-CNN costs ~1.5× an RPN step and ~2× a heatmap step, and every validation curve was still "
-    "falling at 16 epochs (an RPN trained for 64 epochs in development: 26.7 mm at 16 epochs, 11.7 mm "
-    "at 64, test split; docs/accuracy.md §10).",
+    "Beyond DESIGN (profile epochs_by_method): each baseline trains the epochs that fill about 9 minutes of "
+    "a training on the 2-core machine, rather than one epoch count for all (a step of Faster R-CNN costs "
+    "~1.5× an SSD step), since every validation curve was still falling at 16 epochs (docs/accuracy.md §10). "
+    "The RPN, whose lean backbone halves its step, trains 44 epochs in about the minutes the paper's backbone "
+    "needs for 22; at 44 it beat the paper's backbone at 22 with both seeds on validation (docs/accuracy.md §16).",
 )
 
 
@@ -779,8 +779,8 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
         f"({'the paper' if profile.spacing_mm == 1.3 else 'coarser than the paper'}'s 1.3 mm); sizes are "
         "set in mm so the anatomy and the boxes are the same.",
         f"- Training budget: {profile.epochs_text()} with backbone width {profile.width} so that all seven "
-        "trainings (six configurations and a second seed of the RPN) fit on a 2-core CPU (about 8–11 "
-        "minutes each with its notebook); the paper trained on a GPU for longer."
+        "trainings (six configurations and a second seed of the RPN) fit on a 2-core CPU (the wall time of "
+        "each is below); the paper trained on a GPU for longer."
         + (f" Per-method settings: {profile.settings_text()}." if profile.settings_by_method else ""),
         "- Time column: measured on this machine's CPU (below), per volume, model and post-processing; the "
         "paper's times are on its GPU.",

@@ -121,7 +121,8 @@ class SSDModel(LandmarkModel):
         if len(sizes) < 2:
             raise ValueError(f"profile {profile.name!r}: SSD needs at least 2 anchor sizes, got {sizes}")
         half = len(sizes) // 2
-        self.backbone = Backbone(profile.width, stride=detection_stride(profile))
+        self.backbone = Backbone(profile.width, stride=detection_stride(profile), fusion=profile.fusion,
+                                 block1_convs=profile.block1_convs)
         # (feature key, stride, anchor base sizes in voxels) of each scale.
         self.scales = (
             ("features", self.backbone.stride, tuple(sizes[:half])),
