@@ -93,6 +93,15 @@ def _require_monai() -> None:
         raise RuntimeError(f"the MONAI peer needs monai ({error}); install it with: {INSTALL_HINT}") from None
 
 
+def unavailable_reason() -> str | None:
+    """Why the peer cannot train here (MONAI missing), ``None`` when it can."""
+    try:
+        _require_monai()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def torchvision_usable() -> bool:
     """Whether torchvision imports. Any failure counts: a wheel built for another torch (the PyPI

@@ -567,6 +567,7 @@ def targets_markdown(table1: pd.DataFrame, table2: pd.DataFrame, out_dir: Path) 
         met = (ours <= bound) if sense == "≤" else (ours >= bound)
         shown = f"{ours:.0f} of {bound:.0f}" if text.startswith("Every") else _fmt(ours, 0 if "eyes" in text else 2)
         lines.append(f"| {text} | {shown} | {'yes' if met else '**no**'} |")
+    lines.append(_peer_target_row(tables))
     gap = out_dir / "tables" / "train_test_rpn_ib.csv"
     if gap.exists():
         frame = pd.read_csv(gap, index_col=0)
@@ -575,6 +576,19 @@ def targets_markdown(table1: pd.DataFrame, table2: pd.DataFrame, out_dir: Path) 
                   "| | training volumes | test volumes |", "|---|---|---|"]
         lines += [f"| {index} | {_fmt(row.iloc[0])} | {_fmt(row.iloc[1])} |" for index, row in frame.iterrows()]
     return "\n".join(lines) + "\n"
+
+
+def _peer_target_row(tables: Path) -> str:
+    """The target row "IG-RPN better than the peer trained for the RPN's minutes" (test split)."""
+    text = "IG-RPN better than MONAI's RetinaNet trained for the RPN's minutes (test split, paired)"
+    path = tables / "peer_test.csv"
+    frame = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    ours = frame[frame["configuration"] == configuration_label("rpn_ib", True)] if len(frame) else frame
+    if ours.empty:
+        return f"| {text} | the peer was not trained | **no** |"
+    row = ours.iloc[0]
+    return (f"| {text} | Δ {row['diff_vs_peer']:+.2f} mm [{row['diff_lo']:+.2f}, {row['diff_hi']:+.2f}] | "
+            f"{'yes' if row['verdict'] == 'better' else '**no**'} |")
 
 
 #: The runs that repeat ``rpn_ib`` with another seed (``config.RUN_SEED_OFFSETS``).
@@ -686,6 +700,89 @@ def peer_markdown(experiments: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The run name of the MONAI peer that ``make reproduce`` trains (``runs/monai_peer/``) and scores
+#: on the test split beside the RPN (``tables/peer_test.csv``).
+PEER_RUN = "monai_peer"
+#: The configurations compared with the peer on the test split: (run, prior).
+PEER_COMPARED = (("rpn_ib", False), ("rpn_ib", True))
+
+
+def peer_test_table(peer_answers: pd.DataFrame, predictions: dict, gt: pd.DataFrame, n_boot: int = 1000,
+                    seed: int = 0) -> pd.DataFrame:
+    """The peer and our configurations on the test split, each of ours paired against the peer.
+
+    Args:
+        peer_answers: the peer's selected rows (``case_id, landmark, score, x, y, z, w, h, d``, mm).
+        predictions: ``{(run, prior): selected rows}`` of our configurations (``PEER_COMPARED``
+            that are present are compared).
+        gt: ground truth rows of the same cases.
+
+    Returns:
+        One row per configuration, the peer first: ``configuration, d_mean`` (mm) with its
+        bootstrap ``d_mean_lo/hi``, ``hit50`` (fraction), ``eyes_found`` ("k/n"), and for ours
+        ``diff_vs_peer`` (mm, ours − the peer's; negative = ours better), ``diff_lo/hi``, ``p_value``
+        and ``verdict`` ("better", "worse" or "not distinguishable" than the peer).
+    """
+    from igrpn import metrics
+
+    def scores(chosen: pd.DataFrame) -> dict:
+        result = metrics.evaluate(chosen, gt)
+        lo, hi = metrics.bootstrap_ci(chosen, gt, n_boot=n_boot, seed=seed)["d_mean"]
+        eyes = metrics.eye_pair(chosen, gt)
+        return {"d_mean": result["d_mean"], "d_mean_lo": lo, "d_mean_hi": hi, "hit50": result["hit50"],
+                "eyes_found": f"{eyes['found']}/{eyes['n_cases']}"}
+
+    records = [{"configuration": PEER_RUN, **scores(peer_answers)}]
+    for run, use_prior in PEER_COMPARED:
+        if (run, use_prior) not in predictions:
+            continue
+        chosen = predictions[(run, use_prior)]
+        test = metrics.paired_bootstrap(peer_answers, chosen, gt, metric="d_mean", n_boot=n_boot, seed=seed)
+        records.append({"configuration": configuration_label(run, use_prior), **scores(chosen),
+                        "diff_vs_peer": test["diff"], "diff_lo": test["lo"], "diff_hi": test["hi"],
+                        "p_value": test["p_value"],
+                        "verdict": {"holds": "better", "contradicted": "worse"}.get(
+                            verdict(test["lo"], test["hi"]), "not distinguishable")})
+    return pd.DataFrame.from_records(records, columns=[
+        "configuration", "d_mean", "d_mean_lo", "d_mean_hi", "hit50", "eyes_found", "diff_vs_peer", "diff_lo",
+        "diff_hi", "p_value", "verdict"])
+
+
+def peer_test_markdown(frame: pd.DataFrame, peer_seconds: float, rpn_seconds: float) -> str:
+    """The test-split comparison as a table, with the two trainings' minutes."""
+    lines = [f"Test split, one training each: the peer trained {peer_seconds / 60:.1f} min, the RPN "
+             f"(`rpn_ib`) {rpn_seconds / 60:.1f} min.", "",
+             "| configuration | d-mean (mm) [95 % CI] | hit50 (%) | both eyes within 5 mm | "
+             "Δ d-mean vs the peer, mm [95 % CI] | p | than the peer |", "|---|---|---|---|---|---|---|"]
+    for row in frame.itertuples():
+        versus = ("–", "–", "–") if pd.isna(row.diff_vs_peer) else (
+            f"{row.diff_vs_peer:+.2f} [{row.diff_lo:+.2f}, {row.diff_hi:+.2f}]", f"{row.p_value:.3f}", row.verdict)
+        lines.append(f"| {row.configuration} | {row.d_mean:.2f} [{row.d_mean_lo:.2f}, {row.d_mean_hi:.2f}] | "
+                     f"{100 * row.hit50:.1f} | {row.eyes_found} | {' | '.join(versus)} |")
+    return "\n".join(lines) + "\n"
+
+
+def peer_section(tables: Path, experiments: pd.DataFrame) -> list[str]:
+    """The report's "Against a peer": the test split (``tables/peer_test.md``, written by
+    ``make reproduce``) and the runner's validation runs; no section when neither exists."""
+    test = (tables / "peer_test.md").read_text() if (tables / "peer_test.md").exists() else ""
+    validation = peer_markdown(experiments)
+    if not test and not validation:
+        return []
+    parts = ["## Against a peer", "",
+             "MONAI's 3D RetinaNet (ResNet-FPN, ATSS matcher, hard-negative sampler; `igrpn.peer`), trained on "
+             "the same training volumes with the same augmentation, for the same wall-clock minutes as the RPN, "
+             "and scored the same way.", ""]
+    if test:
+        parts += ["`make reproduce` trains it for the seconds `rpn_ib`'s epochs took and scores it on the test "
+                  "split; Δ is paired over the test volumes (our configuration − the peer).", "", test]
+    if validation:
+        parts += ["The experiment runner (`python -m igrpn.experiment`) at the budgets where the peer was "
+                  "trained, on the validation part of the training split (`docs/experiments.csv`; the budgets "
+                  "are wall-clock on the machine of each run):", "", validation]
+    return parts
+
+
 def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Path:
     """Write ``out_dir/REPORT.md`` from the tables, figures and step times already on disk."""
     out_dir = Path(out_dir)
@@ -753,13 +850,7 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
         "nose answers). As a pair, the nearer of the two namings counts.",
         "",
         read("eyes.md"),
-        *(["## Against a peer", "",
-            "MONAI's 3D RetinaNet (ResNet-FPN, ATSS matcher, hard-negative sampler; `igrpn.peer`) trained by "
-            "the experiment runner (`python -m igrpn.experiment`) on the same training volumes, with the same "
-            "augmentation and hold-out and the same wall-clock budget as our configurations, scored the same "
-            "way on the validation part of the training split (`docs/experiments.csv`; the test split is "
-            "not used for these runs).", "", peer] if (peer := peer_markdown(
-                pd.read_csv(EXPERIMENTS_CSV) if EXPERIMENTS_CSV.exists() else pd.DataFrame())) else []),
+        *peer_section(tables, pd.read_csv(EXPERIMENTS_CSV) if EXPERIMENTS_CSV.exists() else pd.DataFrame()),
         "## The AP column",
         "",
         _ap_column_note(table1) if len(table1) else "_no table_",

@@ -99,10 +99,76 @@ def _holds_other_configuration(run_dir: Path, profile_name: str, method: str, io
                 and config["iou_balance"] == iou_balance and config["seed"] == seed)
 
 
+#: The peer's profile fields in ``make reproduce``, as in the runner's logged peer runs: 10.4 mm cells
+#: (stride 4 at 2.6 mm, the tutorial's layout; a stride-2 peer step costs ~10×, igrpn.peer.backbone_layout).
+PEER_SETTINGS = {"feature_stride_mm": 10.4}
+#: The run whose training minutes the peer gets.
+PEER_BUDGET_RUN = "rpn_ib"
+
+
+def _finished_peer(checkpoint: Path, profile, seed: int, budget_s: float) -> bool:
+    """True when ``checkpoint`` is a peer of this profile and seed trained for ``budget_s`` (±2 %)."""
+    from igrpn import peer
+
+    try:
+        _, trained, ckpt = peer.load_peer(checkpoint)
+    except Exception:  # noqa: BLE001 - a checkpoint that cannot be read is trained again, never reused
+        return False
+    return (trained.to_dict() == profile.to_dict() and ckpt["seed"] == seed
+            and abs(float(ckpt["train_seconds"]) - budget_s) <= 0.02 * budget_s)
+
+
+def peer_run_plan(profile_name: str, out_dir: Path, seed: int, force: bool):
+    """The peer's profile, budget (the seconds ``rpn_ib``'s epochs took, from its log), checkpoint
+    path, and whether a finished checkpoint of them is reused."""
+    import dataclasses
+
+    from igrpn import peer
+    from igrpn.report import PEER_RUN, training_seconds
+
+    budget_s = training_seconds(out_dir, f"02_train {PEER_BUDGET_RUN}")
+    if not budget_s > 0:
+        raise ReproduceError(f"{out_dir / 'runs' / PEER_BUDGET_RUN / 'log.csv'}: no training time to give the peer")
+    profile = dataclasses.replace(get_profile(profile_name), **PEER_SETTINGS)
+    checkpoint = out_dir / "runs" / PEER_RUN / peer.CHECKPOINT_NAME
+    return profile, budget_s, checkpoint, not force and _finished_peer(checkpoint, profile, seed, budget_s)
+
+
+def train_and_score_peer(profile, budget_s: float, checkpoint: Path, reuse: bool, out_dir: Path, manifest: Path,
+                         seed: int, progress: bool = True) -> None:
+    """MONAI's RetinaNet trained for ``budget_s`` (unless ``reuse``), scored on the test split beside
+    the RPN and IG-RPN: ``tables/peer_test.csv|md``. Needs ``03_evaluate``'s predictions of ``rpn_ib``."""
+    import pandas as pd
+
+    from igrpn import peer
+    from igrpn.data import load_cases, read_manifest
+    from igrpn.report import PEER_COMPARED, answers, ground_truth, peer_test_markdown, peer_test_table
+
+    if not reuse:
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        peer.train_peer(profile, seed, checkpoint.parent, manifest, budget_s, progress=progress)
+    table = read_manifest(manifest)
+    cases = load_cases(table[table["split"] == "test"], profile.spacing_mm, progress=progress)
+    predictions = {}
+    for run, use_prior in PEER_COMPARED:
+        path = out_dir / "predictions" / f"{run}_{'prior' if use_prior else 'noprior'}.csv"
+        if path.exists():
+            predictions[(run, use_prior)] = answers(pd.read_csv(path))
+    frame = peer_test_table(peer.validation_answers({"checkpoint": checkpoint}, cases), predictions,
+                            ground_truth(cases))
+    _, _, ckpt = peer.load_peer(checkpoint)
+    frame.to_csv(out_dir / "tables" / "peer_test.csv", index=False)
+    (out_dir / "tables" / "peer_test.md").write_text(
+        peer_test_markdown(frame, float(ckpt["train_seconds"]), budget_s))
+
+
 def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifest: str | Path | None = None,
               force: bool = False, seed: int = 0, runs: list[str] | None = None,
-              progress: bool = True, screenshot: bool = True) -> Path:
+              progress: bool = True, screenshot: bool = True, peer: bool = True) -> Path:
     """Run every step and write ``out_dir/REPORT.md``; returns its path.
+
+    ``peer``: train and score MONAI's RetinaNet for the RPN's minutes (:func:`train_and_score_peer`)
+    where MONAI is installed and ``rpn_ib`` is trained; otherwise the report says why it is missing.
 
     ``screenshot``: photograph the slice viewer on a test volume into ``figures/viewer.png``
     (:func:`igrpn.viewer.save_viewer_screenshot`; needs Chromium, Playwright and Voilà).
@@ -161,6 +227,7 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
     if (NOTEBOOKS / "04_visualize.ipynb").exists():
         timed("04_visualize", lambda: run_notebook("04_visualize.ipynb", nb_dir / "04_visualize.ipynb",
                                                    common, progress))
+    _peer_step(profile_name, out_dir, manifest, seed, force, progress, peer, timed)
     if screenshot:
         from igrpn.viewer import save_viewer_screenshot
 
@@ -169,6 +236,27 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
             out_dir / "figures" / "viewer.png", profile=profile_name, manifest=manifest, report_dir=out_dir))
     (out_dir / "steps.json").write_text(json.dumps(steps, indent=2))
     return write_report(out_dir, profile, steps)
+
+
+def _peer_step(profile_name: str, out_dir: Path, manifest: Path, seed: int, force: bool, progress: bool,
+               wanted: bool, timed) -> None:
+    """The peer's timed step, or ``tables/peer_test.md`` saying why there is none (never a stale table)."""
+    from igrpn import peer
+    from igrpn.report import PEER_RUN
+
+    (out_dir / "tables" / "peer_test.csv").unlink(missing_ok=True)
+    reason = ("not requested (--no-peer)" if not wanted
+              else f"{PEER_BUDGET_RUN} is not trained"
+              if not (out_dir / "runs" / PEER_BUDGET_RUN / "checkpoint.pt").exists()
+              else peer.unavailable_reason())
+    if reason is None:
+        profile, budget_s, checkpoint, reuse = peer_run_plan(profile_name, out_dir, seed, force)
+        timed(f"peer {PEER_RUN}", lambda: train_and_score_peer(profile, budget_s, checkpoint, reuse, out_dir,
+                                                               manifest, seed, progress), reused=reuse)
+        return
+    (out_dir / "tables" / "peer_test.md").write_text(f"_The peer was not trained in this run: {reason}._\n")
+    if progress:
+        print(f"[reproduce] {PEER_RUN} skipped: {reason}", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", nargs="+", default=None, choices=list(RUN_CONFIGS),
                         help="only these trainings (default: all seven)")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="do not train MONAI's RetinaNet peer for the RPN's minutes (it needs the bench extra)")
     parser.add_argument("--no-screenshot", action="store_true",
                         help="do not photograph the slice viewer (figures/viewer.png)")
     return parser
@@ -195,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ("report" if args.profile == "cpu" else f"build/{args.profile}/report")
     try:
         path = reproduce(args.profile, out, manifest=args.manifest, force=args.force, seed=args.seed,
-                         runs=args.runs, screenshot=not args.no_screenshot)
+                         runs=args.runs, screenshot=not args.no_screenshot, peer=not args.no_peer)
     except ReproduceError as error:
         print(f"reproduce: {error}", file=sys.stderr)
         return 1

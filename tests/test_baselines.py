@@ -405,3 +405,11 @@ def test_max_filter_matches_max_pool_with_stride_one():
     maps = torch.rand(2, 9, 7, 5, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.max_pool3d(maps[:, None], 3, stride=1, padding=1)[:, 0]
     assert torch.equal(_max_filter_3(maps), expected)
+
+
+@pytest.mark.parametrize("model_class", [SSDModel, FasterRCNNModel])
+def test_ssd_and_faster_rcnn_build_the_profiles_backbone(model_class):
+    lean = model_class(dataclasses.replace(SMOKE, fusion="sum", block1_convs=1))
+    assert lean.backbone.fusion == "sum" and len(lean.backbone.block1) == 3  # one [conv, BN, ReLU]
+    paper = model_class(SMOKE)
+    assert paper.backbone.fusion == "concat" and len(paper.backbone.block1) == 6

@@ -153,3 +153,40 @@ def test_targets_read_the_tables_and_say_which_are_met(tmp_path):
     assert "in ≥ 28 of 32 volumes | 29 | yes |" in text
     assert "| IG-RPN (IoU balance + prior): d-mean ≤ 6 mm | 5.50 | yes |" in text
     assert "| 1 of 2 | **no** |" in text  # only the configurations without the prior count
+
+
+def _chin_cases(offset_mm: float, n: int = 12) -> pd.DataFrame:
+    return pd.DataFrame([{"case_id": f"c{i}", "landmark": "chin", "x": 10.0 * (i % 3) + offset_mm, "y": 0.0,
+                          "z": 0.0, "w": 31.2, "h": 31.2, "d": 31.2, "score": 0.9} for i in range(n)])
+
+
+def test_peer_test_table_pairs_each_configuration_against_the_peer():
+    gt = _chin_cases(0.0).drop(columns="score")
+    predictions = {("rpn_ib", False): _chin_cases(2.0), ("rpn_ib", True): _chin_cases(12.0)}
+    frame = report.peer_test_table(_chin_cases(10.0), predictions, gt, n_boot=200).set_index("configuration")
+    assert list(frame.index) == ["monai_peer", "rpn_ib", "rpn_ib + prior"]
+    assert frame.loc["monai_peer", "d_mean"] == pytest.approx(10.0) and pd.isna(frame.loc["monai_peer", "verdict"])
+    # 2 mm off against the peer's 10 on every volume: 8 mm better, whatever the resample
+    assert frame.loc["rpn_ib", "diff_vs_peer"] == pytest.approx(-8.0)
+    assert frame.loc["rpn_ib", "verdict"] == "better" and frame.loc["rpn_ib + prior", "verdict"] == "worse"
+    # a 31.2 mm cube 12 mm off has IoU 19.2 / 43.2 < 0.5; 2 mm off it is a hit
+    assert frame.loc["rpn_ib + prior", "hit50"] == 0.0 and frame.loc["rpn_ib", "hit50"] == 1.0
+    text = report.peer_test_markdown(frame.reset_index(), peer_seconds=600.0, rpn_seconds=612.0)
+    assert "the peer trained 10.0 min, the RPN (`rpn_ib`) 10.2 min" in text
+    assert "| rpn_ib | 2.00 [2.00, 2.00] | 100.0 | 0/0 | -8.00 [-8.00, -8.00] |" in text
+    assert "| monai_peer | 10.00 [10.00, 10.00] | 100.0 | 0/0 | – | – | – |" in text
+
+
+def test_peer_section_shows_the_test_split_and_validation_and_nothing_without_either(tmp_path):
+    assert report.peer_section(tmp_path, pd.DataFrame()) == []
+    (tmp_path / "peer_test.md").write_text("_The peer was not trained in this run: no MONAI._\n")
+    text = "\n".join(report.peer_section(tmp_path, pd.DataFrame()))
+    assert text.startswith("## Against a peer") and "no MONAI" in text and "experiment runner" not in text
+
+
+def test_the_peer_target_reads_the_paired_test_comparison(tmp_path):
+    assert "| the peer was not trained | **no** |" in report._peer_target_row(tmp_path)
+    pd.DataFrame([{"configuration": "monai_peer", "diff_vs_peer": np.nan, "verdict": np.nan},
+                  {"configuration": "rpn_ib + prior", "diff_vs_peer": -1.5, "diff_lo": -2.5, "diff_hi": -0.5,
+                   "verdict": "better"}]).to_csv(tmp_path / "peer_test.csv", index=False)
+    assert report._peer_target_row(tmp_path).endswith("| Δ -1.50 mm [-2.50, -0.50] | yes |")

@@ -1,5 +1,6 @@
 """The whole `smoke` reproduction under papermill, and a failing notebook's message."""
 
+import functools
 import json
 
 import nbformat
@@ -7,6 +8,7 @@ import pandas as pd
 import pytest
 
 from igrpn import reproduce
+from igrpn.config import get_profile
 
 
 def test_smoke_reproduction_end_to_end(smoke_manifest, tmp_path):
@@ -56,10 +58,22 @@ def test_smoke_reproduction_end_to_end(smoke_manifest, tmp_path):
     if browser_missing() is None:
         assert (out / "figures" / "viewer.png").exists() and "figures/viewer.png" in text
 
+    # MONAI's peer, trained for rpn_ib's seconds where MONAI is installed; the report says why not elsewhere
+    from igrpn.peer import unavailable_reason
+
+    assert "## Against a peer" in text
+    if unavailable_reason() is None:
+        peer_rows = pd.read_csv(out / "tables" / "peer_test.csv")
+        assert list(peer_rows["configuration"]) == ["monai_peer", "rpn_ib", "rpn_ib + prior"]
+        assert "peer monai_peer" in [step["step"] for step in steps]
+    else:
+        assert "The peer was not trained in this run: the MONAI peer needs monai" in text
+
     # A second run reuses every finished training.
     reproduce.reproduce("smoke", out, manifest=smoke_manifest, progress=False, runs=["rpn_ib"], screenshot=False)
     steps = json.loads((out / "steps.json").read_text())
-    assert [s["reused"] for s in steps if s["step"].startswith("02_train")] == [True]
+    assert [s["reused"] for s in steps if s["step"].startswith(("02_train", "peer"))] == (
+        [True] if unavailable_reason() else [True, True])
 
 
 def test_a_failing_notebook_stops_with_its_name_and_error(tmp_path):
@@ -70,3 +84,24 @@ def test_a_failing_notebook_stops_with_its_name_and_error(tmp_path):
     nbformat.write(notebook, path)
     with pytest.raises(reproduce.ReproduceError, match=r"99_broken.ipynb failed in cell 2: ValueError: bad landmark"):
         reproduce.run_notebook(path, tmp_path / "out" / "99_broken.ipynb", {})
+
+
+def test_the_peer_step_says_why_it_did_not_run_and_leaves_no_stale_table(tmp_path, monkeypatch):
+    from igrpn import peer
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "peer_test.csv").write_text("from an earlier run")
+    step = functools.partial(reproduce._peer_step, "smoke", tmp_path, tmp_path / "manifest.csv", 0, False, False)
+    step(True, timed=None)
+    assert not (tables / "peer_test.csv").exists()
+    assert "rpn_ib is not trained" in (tables / "peer_test.md").read_text()
+    step(False, timed=None)
+    assert "not requested (--no-peer)" in (tables / "peer_test.md").read_text()
+    (tmp_path / "runs" / "rpn_ib").mkdir(parents=True)
+    (tmp_path / "runs" / "rpn_ib" / "checkpoint.pt").write_bytes(b"")
+    monkeypatch.setattr(peer, "unavailable_reason", lambda: "the MONAI peer needs monai")
+    step(True, timed=None)
+    assert "needs monai" in (tables / "peer_test.md").read_text()
+    # no peer checkpoint, or one that is not a peer's, is never reused
+    assert not reproduce._finished_peer(tmp_path / "runs" / "rpn_ib" / "checkpoint.pt", get_profile("smoke"), 0, 10.0)
