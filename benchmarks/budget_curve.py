@@ -6,12 +6,14 @@
 Each logged run of ``docs/experiments.csv`` is a point at its optimiser steps times the step cost
 of its configuration measured on the quiet machine (``python -m igrpn.experiment steptime``):
 runs that trained side by side have wall-clock seconds that say nothing about their cost. A
-``--curve`` adds the validations a run's own ``log.csv`` holds (its epoch rows with a ``val_d_mean_mm``).
+``--curve`` adds the validations a run's own ``log.csv`` holds (its epoch rows with a ``val_d_mean_mm``),
+labelled with the seed its path names (the runner's ``NAME/seedS/log.csv``).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -43,8 +45,16 @@ def budget_points(log: pd.DataFrame, step_s: dict[str, float]) -> pd.DataFrame:
     return rows
 
 
-def plot(points: pd.DataFrame, curves: dict[str, pd.DataFrame], step_s: dict[str, float], labels: dict[str, str]):
-    """Figure: validation d-mean (mm) against estimated quiet minutes, marker per seed."""
+def curve_label(label: str, log_path: Path) -> str:
+    """``label`` of a ``--curve`` with the seed of its path (``…/seed1/log.csv``) where it names one."""
+    seed = re.fullmatch(r"seed(\d+)", Path(log_path).parent.name)
+    return f"{label}, {f'seed {seed.group(1)}, ' if seed else ''}during training"
+
+
+def plot(points: pd.DataFrame, curves: dict[str, tuple[pd.DataFrame, Path]], step_s: dict[str, float],
+         labels: dict[str, str]):
+    """Figure: validation d-mean (mm) against estimated quiet minutes, marker per seed; ``curves``
+    maps a configuration to (its run's epoch validations, that ``log.csv``'s path)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6.4, 4.0), layout="constrained")
@@ -56,11 +66,11 @@ def plot(points: pd.DataFrame, curves: dict[str, pd.DataFrame], step_s: dict[str
         for seed, run in group.groupby("seed"):
             ax.scatter(run["minutes"], run["val_d_mean"], color=colour, marker="o" if seed == 0 else "s", s=28,
                        label=f"{label}, seed {seed}")
-    for name, curve in curves.items():
+    for name, (curve, path) in curves.items():
         label = labels.get(name, name)
         colour = colours.setdefault(label, f"C{len(colours)}")
         ax.plot(curve["step"] * step_s[name] / 60, curve["val_d_mean_mm"], color=colour, linewidth=1,
-                label=f"{label}, seed 0, during training")
+                label=curve_label(label, path))
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7)
@@ -80,8 +90,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     step_s = {name: seconds for name, (_, seconds) in RECIPES.items()} | _pairs(args.step_s, float)
     labels = {name: label for name, (label, _) in RECIPES.items()}
-    curves = {name: (lambda log: log[(log["kind"] == "epoch") & log["val_d_mean_mm"].notna()])(pd.read_csv(path))
-              for name, path in _pairs(args.curve, Path).items()}
+    curves = {name: ((lambda log: log[(log["kind"] == "epoch") & log["val_d_mean_mm"].notna()])(pd.read_csv(path)),
+                     path) for name, path in _pairs(args.curve, Path).items()}
     unknown = sorted(set(curves) - set(step_s))
     if unknown:
         raise ValueError(f"--curve {unknown}: no step time; give it with --step-s NAME=SECONDS")

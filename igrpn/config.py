@@ -251,8 +251,9 @@ PROFILES: dict[str, Profile] = {
     # make reproduce: all of Table 1 and 2 on a 2-core CPU, half the paper's resolution.
     # Whole volumes, not crops: a model trained on face-centred crops never saw the far field
     # (skull, uterine wall) it meets at inference and answered there (REPORT.md). Epochs per method:
-    # every validation curve was still falling at 16, so each baseline fills about 9 minutes of a
-    # 2-core training, and the RPN trains longest, as its lean backbone allows (docs/accuracy.md §10, §16).
+    # every validation curve was still falling at 16, so each baseline got the epochs that filled about
+    # 9 minutes on the 2-core machine they were set on (machines here differ ~2× per step), and the RPN
+    # trains longest, as its lean backbone allows (docs/accuracy.md §10, §16).
     # The paper's random sampling, no hard negatives: 256 per volume helped the chin and hurt every
     # other landmark over two seeds, and left a flat score map (top p ≈ 0.12 over the whole face;
     # docs/accuracy.md §6, §8).

@@ -470,7 +470,8 @@ def train_peer(profile: Profile, seed: int, out_dir: Path, manifest: Path, budge
     checkpoint = out_dir / CHECKPOINT_NAME
     atomic_torch_save({
         "format_version": CHECKPOINT_FORMAT, "method": METHOD, "profile": profile.to_dict(), "seed": int(seed),
-        "handedness": handedness, "steps": len(rows), "train_seconds": spent, "val_ids": list(val_ids),
+        "handedness": handedness, "steps": len(rows), "train_seconds": spent, "budget_s": float(budget_s),
+        "val_ids": list(val_ids),
         "train_ids": list(train_ids), "network": detector.network.state_dict(),
     }, checkpoint)
     _write_log(rows, out_dir / LOG_NAME)
@@ -482,8 +483,29 @@ def train_peer(profile: Profile, seed: int, out_dir: Path, manifest: Path, budge
 # Inference
 
 
+def read_peer_checkpoint(path: str | Path) -> dict:
+    """A peer checkpoint's dict (``weights_only=True``: no pickled code runs), without MONAI.
+
+    Raises:
+        ValueError: a missing or unreadable file, or one that is not a peer checkpoint of this format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: peer checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several types for a damaged file
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        raise ValueError(f"{path}: not a {METHOD} checkpoint")
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: peer checkpoint format {ckpt.get('format_version')} is not supported "
+                         f"(this igrpn reads format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
 def load_peer(path: str | Path):
-    """Rebuild a trained peer from its checkpoint (``weights_only=True``: no pickled code runs).
+    """Rebuild a trained peer from its checkpoint (:func:`read_peer_checkpoint`).
 
     Returns:
         (detector in eval mode, profile, checkpoint dict).
@@ -491,15 +513,7 @@ def load_peer(path: str | Path):
     Raises:
         ValueError: a file that is not a peer checkpoint of this format.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: peer checkpoint not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
-        raise ValueError(f"{path}: not a {METHOD} checkpoint")
-    if ckpt.get("format_version") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: peer checkpoint format {ckpt.get('format_version')} is not supported "
-                         f"(this igrpn reads format {CHECKPOINT_FORMAT})")
+    ckpt = read_peer_checkpoint(path)
     profile = Profile.from_dict(ckpt["profile"])
     detector = build_detector(profile)
     detector.network.load_state_dict(ckpt["network"])

@@ -480,8 +480,8 @@ DESIGN_DECISIONS = (
     "has p ≈ 0.12 with the next 1000 within 0.03 nats, spread over the whole face (without: p ≈ 0.8–1.0, "
     "concentrated). Mining them inside other landmarks' boxes too did the same (24.9 mm, p ≈ 0.12), and "
     "32 per volume flattened it less (25.9 mm, p ≈ 0.28); docs/accuracy.md §6, §8.",
-    "Beyond DESIGN (profile epochs_by_method): each baseline trains the epochs that fill about 9 minutes of "
-    "a training on the 2-core machine, rather than one epoch count for all (a step of Faster R-CNN costs "
+    "Beyond DESIGN (profile epochs_by_method): each baseline trains the epochs that filled about 9 minutes "
+    "on the 2-core machine they were set on, rather than one epoch count for all (a step of Faster R-CNN costs "
     "~1.5× an SSD step), since every validation curve was still falling at 16 epochs (docs/accuracy.md §10). "
     "The RPN, whose lean backbone halves its step, trains 44 epochs in about the minutes the paper's backbone "
     "needs for 22; at 44 it beat the paper's backbone at 22 with both seeds on validation (docs/accuracy.md §16).",
@@ -582,10 +582,12 @@ def _peer_target_row(tables: Path) -> str:
     """The target row "IG-RPN better than the peer trained for the RPN's minutes" (test split)."""
     text = "IG-RPN better than MONAI's RetinaNet trained for the RPN's minutes (test split, paired)"
     path = tables / "peer_test.csv"
-    frame = pd.read_csv(path) if path.exists() else pd.DataFrame()
-    ours = frame[frame["configuration"] == configuration_label("rpn_ib", True)] if len(frame) else frame
+    if not path.exists():
+        return f"| {text} | the peer was not trained (the report's \"Against a peer\") | not run |"
+    frame = pd.read_csv(path)
+    ours = frame[frame["configuration"] == configuration_label("rpn_ib", True)]
     if ours.empty:
-        return f"| {text} | the peer was not trained | **no** |"
+        return f"| {text} | no IG-RPN row (rpn_ib's predictions with the prior are missing) | not run |"
     row = ours.iloc[0]
     return (f"| {text} | Δ {row['diff_vs_peer']:+.2f} mm [{row['diff_lo']:+.2f}, {row['diff_hi']:+.2f}] | "
             f"{'yes' if row['verdict'] == 'better' else '**no**'} |")

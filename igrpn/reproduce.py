@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -99,39 +100,44 @@ def _holds_other_configuration(run_dir: Path, profile_name: str, method: str, io
                 and config["iou_balance"] == iou_balance and config["seed"] == seed)
 
 
-#: The peer's profile fields in ``make reproduce``, as in the runner's logged peer runs: 10.4 mm cells
-#: (stride 4 at 2.6 mm, the tutorial's layout; a stride-2 peer step costs ~10×, igrpn.peer.backbone_layout).
-PEER_SETTINGS = {"feature_stride_mm": 10.4}
+#: The peer's detection cell in ``make reproduce``, in voxels of the profile's grid: stride 4, the
+#: tutorial's layout (10.4 mm at the cpu profile's 2.6 mm, as the runner's logged peer runs); a
+#: stride-2 peer step costs ~10× (igrpn.peer.backbone_layout).
+PEER_STRIDE_VOX = 4
 #: The run whose training minutes the peer gets.
 PEER_BUDGET_RUN = "rpn_ib"
 
 
-def _finished_peer(checkpoint: Path, profile, seed: int, budget_s: float) -> bool:
-    """True when ``checkpoint`` is a peer of this profile and seed trained for ``budget_s`` (±2 %)."""
-    from igrpn import peer
+def peer_profile(profile_name: str):
+    """The profile the peer trains with: the named one at ``PEER_STRIDE_VOX`` cells."""
+    import dataclasses
 
-    try:
-        _, trained, ckpt = peer.load_peer(checkpoint)
-    except Exception:  # noqa: BLE001 - a checkpoint that cannot be read is trained again, never reused
-        return False
-    return (trained.to_dict() == profile.to_dict() and ckpt["seed"] == seed
-            and abs(float(ckpt["train_seconds"]) - budget_s) <= 0.02 * budget_s)
+    profile = get_profile(profile_name)
+    return dataclasses.replace(profile, feature_stride_mm=PEER_STRIDE_VOX * profile.spacing_mm)
+
+
+def finished_peer(ckpt: dict, profile, seed: int, budget_s: float) -> bool:
+    """True when a peer checkpoint's dict (:func:`igrpn.peer.read_peer_checkpoint`) holds a training
+    of this profile and seed for this budget. The budget is compared exactly: it is read again
+    from the same ``log.csv`` whenever ``rpn_ib`` is reused, and the peer overshoots it by a step."""
+    return (ckpt.get("profile") == profile.to_dict() and ckpt.get("seed") == seed
+            and ckpt.get("budget_s") is not None and math.isclose(float(ckpt["budget_s"]), budget_s, rel_tol=1e-9))
 
 
 def peer_run_plan(profile_name: str, out_dir: Path, seed: int, force: bool):
     """The peer's profile, budget (the seconds ``rpn_ib``'s epochs took, from its log), checkpoint
     path, and whether a finished checkpoint of them is reused."""
-    import dataclasses
-
     from igrpn import peer
     from igrpn.report import PEER_RUN, training_seconds
 
     budget_s = training_seconds(out_dir, f"02_train {PEER_BUDGET_RUN}")
-    if not budget_s > 0:
-        raise ReproduceError(f"{out_dir / 'runs' / PEER_BUDGET_RUN / 'log.csv'}: no training time to give the peer")
-    profile = dataclasses.replace(get_profile(profile_name), **PEER_SETTINGS)
+    profile = peer_profile(profile_name)
     checkpoint = out_dir / "runs" / PEER_RUN / peer.CHECKPOINT_NAME
-    return profile, budget_s, checkpoint, not force and _finished_peer(checkpoint, profile, seed, budget_s)
+    try:
+        reuse = not force and finished_peer(peer.read_peer_checkpoint(checkpoint), profile, seed, budget_s)
+    except ValueError:  # none, or one that cannot be read: trained again
+        reuse = False
+    return profile, budget_s, checkpoint, reuse
 
 
 def train_and_score_peer(profile, budget_s: float, checkpoint: Path, reuse: bool, out_dir: Path, manifest: Path,
@@ -153,7 +159,9 @@ def train_and_score_peer(profile, budget_s: float, checkpoint: Path, reuse: bool
     for run, use_prior in PEER_COMPARED:
         path = out_dir / "predictions" / f"{run}_{'prior' if use_prior else 'noprior'}.csv"
         if path.exists():
-            predictions[(run, use_prior)] = answers(pd.read_csv(path))
+            # case ids stay text ("001" is not 1, "NA" not missing), as igrpn.data.read_manifest keeps them
+            predictions[(run, use_prior)] = answers(pd.read_csv(path, dtype={"case_id": str}, keep_default_na=False,
+                                                                na_values=[""]))
     frame = peer_test_table(peer.validation_answers({"checkpoint": checkpoint}, cases), predictions,
                             ground_truth(cases))
     _, _, ckpt = peer.load_peer(checkpoint)
@@ -244,10 +252,15 @@ def _peer_step(profile_name: str, out_dir: Path, manifest: Path, seed: int, forc
     from igrpn import peer
     from igrpn.report import PEER_RUN
 
-    (out_dir / "tables" / "peer_test.csv").unlink(missing_ok=True)
+    from igrpn.report import training_seconds
+
+    for stale in ("peer_test.csv", "peer_test.md"):
+        (out_dir / "tables" / stale).unlink(missing_ok=True)
+    run_dir = out_dir / "runs" / PEER_BUDGET_RUN
     reason = ("not requested (--no-peer)" if not wanted
-              else f"{PEER_BUDGET_RUN} is not trained"
-              if not (out_dir / "runs" / PEER_BUDGET_RUN / "checkpoint.pt").exists()
+              else f"{PEER_BUDGET_RUN} is not trained" if not (run_dir / "checkpoint.pt").exists()
+              else f"{run_dir / 'log.csv'} gives no training time to match"
+              if not training_seconds(out_dir, f"02_train {PEER_BUDGET_RUN}") > 0
               else peer.unavailable_reason())
     if reason is None:
         profile, budget_s, checkpoint, reuse = peer_run_plan(profile_name, out_dir, seed, force)

@@ -465,3 +465,16 @@ def test_sample_balanced_sparse_draw_is_uniform_and_distinct():
         counts += torch.bincount(negatives // 200_000, minlength=10)[:10].float()
     # 40 × 246 draws over ten equal tenths: each near 984 (binomial σ ≈ 30).
     assert float(counts.min()) > 850 and float(counts.max()) < 1120
+
+
+def test_budget_curve_places_runs_at_steps_times_step_cost_and_names_the_curves_seed():
+    from pathlib import Path
+
+    import pandas as pd
+
+    from benchmarks.budget_curve import budget_points, curve_label
+
+    points = budget_points(pd.DataFrame({"name": ["lean", "other"], "steps": [120, 60]}), {"lean": 0.5})
+    assert list(points["name"]) == ["lean"] and list(points["minutes"]) == [1.0]
+    assert curve_label("lean", Path("/tmp/exp/lean_e44/seed1/log.csv")) == "lean, seed 1, during training"
+    assert curve_label("lean", Path("log.csv")) == "lean, during training"

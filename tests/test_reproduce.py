@@ -100,8 +100,22 @@ def test_the_peer_step_says_why_it_did_not_run_and_leaves_no_stale_table(tmp_pat
     assert "not requested (--no-peer)" in (tables / "peer_test.md").read_text()
     (tmp_path / "runs" / "rpn_ib").mkdir(parents=True)
     (tmp_path / "runs" / "rpn_ib" / "checkpoint.pt").write_bytes(b"")
+    step(True, timed=None)
+    assert "gives no training time to match" in (tables / "peer_test.md").read_text()
+    pd.DataFrame([{"kind": "epoch", "seconds": 12.5}]).to_csv(tmp_path / "runs" / "rpn_ib" / "log.csv", index=False)
     monkeypatch.setattr(peer, "unavailable_reason", lambda: "the MONAI peer needs monai")
     step(True, timed=None)
     assert "needs monai" in (tables / "peer_test.md").read_text()
-    # no peer checkpoint, or one that is not a peer's, is never reused
-    assert not reproduce._finished_peer(tmp_path / "runs" / "rpn_ib" / "checkpoint.pt", get_profile("smoke"), 0, 10.0)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        peer.read_peer_checkpoint(tmp_path / "runs" / "rpn_ib" / "checkpoint.pt")
+
+
+def test_a_peer_is_reused_only_for_the_same_profile_seed_and_budget():
+    profile = reproduce.peer_profile("smoke")
+    assert profile.feature_stride_mm == pytest.approx(4 * profile.spacing_mm)
+    ckpt = {"profile": profile.to_dict(), "seed": 0, "budget_s": 12.5, "train_seconds": 13.4}
+    assert reproduce.finished_peer(ckpt, profile, 0, 12.5)  # one step past the budget is its own
+    assert not reproduce.finished_peer(ckpt, profile, 1, 12.5)
+    assert not reproduce.finished_peer(ckpt, profile, 0, 13.4)  # rpn_ib was trained again
+    assert not reproduce.finished_peer(ckpt, reproduce.peer_profile("cpu"), 0, 12.5)
+    assert not reproduce.finished_peer({k: v for k, v in ckpt.items() if k != "budget_s"}, profile, 0, 12.5)
