@@ -257,6 +257,7 @@ class Backbone(nn.Module):
             previous = channels
         self.block1, self.block2, self.block3, self.block4 = blocks
         if fusion == "concat":
+            self.lateral = self.lateral_fine = None  # no projection: the conv sees the concatenation
             self.fuse = ConvBNReLU(*_conv_bn_relu(4 * width + 8 * width, 4 * width, norm))
             self.fuse_fine = (ConvBNReLU(*_conv_bn_relu(4 * width + 2 * width, 2 * width, norm))
                               if stride == 2 else None)
@@ -290,10 +291,10 @@ class Backbone(nn.Module):
         block2 = self.block2(F.max_pool3d(block1, 2))
         block3 = self.block3(F.max_pool3d(block2, 2))
         block4 = self.block4(F.max_pool3d(block3, 2))
-        fused = self._merge(block3, block4, self.fuse, getattr(self, "lateral", None))
+        fused = self._merge(block3, block4, self.fuse, self.lateral)
         features = fused
         if self.fuse_fine is not None:
-            features = self._merge(block2, fused, self.fuse_fine, getattr(self, "lateral_fine", None))
+            features = self._merge(block2, fused, self.fuse_fine, self.lateral_fine)
         return {"block1": block1, "block2": block2, "block3": block3, "block4": block4, "fused": fused,
                 "features": features}
 

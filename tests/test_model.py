@@ -314,7 +314,7 @@ def test_backbone_variants_are_profile_fields_of_the_rpn_and_bad_values_are_refu
     model = RPNModel(profile)
     assert model.backbone.fusion == "sum" and len(model.backbone.block1) == 3
     paper = RPNModel(PROFILE)
-    assert paper.backbone.fusion == "concat" and not hasattr(paper.backbone, "lateral")
+    assert paper.backbone.fusion == "concat" and paper.backbone.lateral is None
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in paper.parameters())
     with pytest.raises(ValueError, match="fusion must be one of"):
         dataclasses.replace(PROFILE, fusion="add")
