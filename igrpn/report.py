@@ -259,6 +259,11 @@ def verdict(lo: float, hi: float) -> str:
     return "not shown"
 
 
+def comparison(lo: float, hi: float) -> str:
+    """A paired Δ d-mean interval (second − first, mm) as "better", "worse" or "not distinguishable"."""
+    return {"holds": "better", "contradicted": "worse"}.get(verdict(lo, hi), "not distinguishable")
+
+
 def claims_table(evaluation: dict, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Paired bootstraps over test volumes for each of the paper's claims (d-mean and hit50)."""
     from igrpn import metrics
@@ -300,8 +305,7 @@ def reference_table(evaluation: dict, n_boot: int = 1000, seed: int = 0) -> pd.D
         test = metrics.paired_bootstrap(reference, chosen, gt, metric="d_mean", n_boot=n_boot, seed=seed)
         records.append({"run": run, "prior": use_prior, "d_mean_diff": test["diff"], "d_mean_lo": test["lo"],
                         "d_mean_hi": test["hi"], "p_value": test["p_value"],
-                        "verdict": {"holds": "better", "contradicted": "worse"}.get(
-                            verdict(test["lo"], test["hi"]), "not distinguishable")})
+                        "verdict": comparison(test["lo"], test["hi"])})
     return pd.DataFrame.from_records(records, columns=["run", "prior", "d_mean_diff", "d_mean_lo", "d_mean_hi",
                                                        "p_value", "verdict"])
 
@@ -728,10 +732,9 @@ def peer_test_table(peer_answers: pd.DataFrame, predictions: dict, gt: pd.DataFr
     from igrpn import metrics
 
     def scores(chosen: pd.DataFrame) -> dict:
-        result = metrics.evaluate(chosen, gt)
-        lo, hi = metrics.bootstrap_ci(chosen, gt, n_boot=n_boot, seed=seed)["d_mean"]
+        record = _scores_record(chosen, gt, n_boot, seed)
         eyes = metrics.eye_pair(chosen, gt)
-        return {"d_mean": result["d_mean"], "d_mean_lo": lo, "d_mean_hi": hi, "hit50": result["hit50"],
+        return {**{k: record[k] for k in ("d_mean", "d_mean_lo", "d_mean_hi", "hit50")},
                 "eyes_found": f"{eyes['found']}/{eyes['n_cases']}"}
 
     records = [{"configuration": PEER_RUN, **scores(peer_answers)}]
@@ -742,9 +745,7 @@ def peer_test_table(peer_answers: pd.DataFrame, predictions: dict, gt: pd.DataFr
         test = metrics.paired_bootstrap(peer_answers, chosen, gt, metric="d_mean", n_boot=n_boot, seed=seed)
         records.append({"configuration": configuration_label(run, use_prior), **scores(chosen),
                         "diff_vs_peer": test["diff"], "diff_lo": test["lo"], "diff_hi": test["hi"],
-                        "p_value": test["p_value"],
-                        "verdict": {"holds": "better", "contradicted": "worse"}.get(
-                            verdict(test["lo"], test["hi"]), "not distinguishable")})
+                        "p_value": test["p_value"], "verdict": comparison(test["lo"], test["hi"])})
     return pd.DataFrame.from_records(records, columns=[
         "configuration", "d_mean", "d_mean_lo", "d_mean_hi", "hit50", "eyes_found", "diff_vs_peer", "diff_lo",
         "diff_hi", "p_value", "verdict"])

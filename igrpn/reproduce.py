@@ -164,7 +164,7 @@ def train_and_score_peer(profile, budget_s: float, checkpoint: Path, reuse: bool
                                                                 na_values=[""]))
     frame = peer_test_table(peer.validation_answers({"checkpoint": checkpoint}, cases), predictions,
                             ground_truth(cases))
-    _, _, ckpt = peer.load_peer(checkpoint)
+    ckpt = peer.read_peer_checkpoint(checkpoint)  # its training time; the network is not needed again
     frame.to_csv(out_dir / "tables" / "peer_test.csv", index=False)
     (out_dir / "tables" / "peer_test.md").write_text(
         peer_test_markdown(frame, float(ckpt["train_seconds"]), budget_s))
