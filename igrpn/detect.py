@@ -138,11 +138,12 @@ class Detector:
         return detector
 
     def pairing(self) -> dict:
-        """``select_answers``' eye-pair arguments: the handedness, and half the eye box as the
-        least distance between the two eyes' answers."""
+        """``select_answers``' eye-pair arguments: the handedness, half the eye box as the least
+        distance between the two eyes' answers, and the candidates per class the prior combines."""
         eye_box_mm = min(self.profile.gt_box_mm[a] for pair in LEFT_RIGHT_PAIRS for a in pair)
         return {"handedness": self.handedness, "min_pair_distance_mm": eye_box_mm / 2,
-                "pair_eyes": self.handedness is not None or self.profile.merge_mirror_pairs}
+                "pair_eyes": self.handedness is not None or self.profile.merge_mirror_pairs,
+                "class_top_k": self.profile.top_k}
 
     @torch.no_grad()
     def predict_grid(self, volume: np.ndarray, affine: np.ndarray, keep=None, name: str = "volume") -> pd.DataFrame:
@@ -268,7 +269,8 @@ class Detector:
 
 
 def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0, handedness: int | None = None,
-                   min_pair_distance_mm: float = 0.0, pair_eyes: bool | None = None) -> pd.DataFrame:
+                   min_pair_distance_mm: float = 0.0, pair_eyes: bool | None = None,
+                   class_top_k: int | None = None) -> pd.DataFrame:
     """Return a copy of one volume's candidate rows with one ``selected`` row per landmark.
 
     Without a prior the highest-scoring candidate (rank 0) of each landmark is the answer; with a
@@ -283,6 +285,13 @@ def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0, ha
     candidate rows exchange their names. ``pair_eyes`` (default: when ``handedness`` is given)
     asks for the pair alone, e.g. for a checkpoint without a measured handedness: the two places
     are then named by score.
+
+    ``class_top_k`` (``Profile.top_k``; ``None``: every listed candidate) is how many candidates of
+    each class the prior combines. A mirror pair trained as one class (``merge_mirror_pairs``)
+    lists that class's places under both names, ``2 · top_k`` of them; it is one class here too:
+    the prior combines its first ``class_top_k`` places (and always its best pair), as the paper
+    takes the top 2 of every class. Without this the prior could trade an eye scored 1.00 for a
+    look-alike scored 0.05 ranked third or fourth (docs/accuracy.md §18).
     """
     # Plain arrays throughout and one DataFrame written at the end: per-row pandas indexing cost
     # more than everything else in the post-processing (benchmarks/NOTES.md §3b).
@@ -301,14 +310,21 @@ def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0, ha
     pairs = LEFT_RIGHT_PAIRS if (handedness is not None if pair_eyes is None else pair_eyes) else ()
     choice = [0] * len(LANDMARKS)
     if prior is not None and all(len(g) > 0 for g in groups):
-        result = prior.select_all(centres, scores=scores, lam=prior_lambda)
+        # Which of each list's candidates the prior combines (positions in the list).
+        usable = [np.arange(len(g)) for g in groups]
+        for a, b in pairs:
+            if class_top_k is not None and _pooled(centres[a], centres[b]):
+                best = _best_pair(centres[a], scores[a], centres[b], scores[b], min_pair_distance_mm)
+                usable[a] = usable[b] = np.union1d(np.arange(min(class_top_k, len(groups[a]))), best)
+        result = prior.select_all([c[u] for c, u in zip(centres, usable)],
+                                  scores=[s[u] for s, u in zip(scores, usable)], lam=prior_lambda)
+        combinations = np.stack([u[result["combinations"][:, c]] for c, u in enumerate(usable)], axis=1)
         costs = np.asarray(result["costs"], dtype=np.float64).copy()
         for a, b in pairs:
             # A pair's two answers must be two places: combinations putting both on one are out.
-            gap = np.linalg.norm(centres[a][result["combinations"][:, a]] - centres[b][result["combinations"][:, b]],
-                                 axis=1)
+            gap = np.linalg.norm(centres[a][combinations[:, a]] - centres[b][combinations[:, b]], axis=1)
             costs[gap < min_pair_distance_mm] = np.inf
-        choice = [int(c) for c in result["combinations"][int(np.argmin(costs))]]
+        choice = [int(c) for c in combinations[int(np.argmin(costs))]]
     elif pairs:
         for a, b in pairs:
             if len(groups[a]) and len(groups[b]):
@@ -327,10 +343,14 @@ def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0, ha
                 names[groups[b]], class_ids[groups[b]] = LANDMARKS[a], a + 1
             rows["landmark"], rows["class_id"] = names, class_ids
     for a, b in pairs:
-        if (len(groups[a]) and choice[a] != choice[b] and len(groups[a]) == len(groups[b])
-                and np.array_equal(centres[a], centres[b])):
+        if len(groups[a]) and choice[a] != choice[b] and _pooled(centres[a], centres[b]):
             rows = _split_pooled_pair(rows, groups[a], groups[b], choice[a], choice[b])
     return rows
+
+
+def _pooled(centres_a: np.ndarray, centres_b: np.ndarray) -> bool:
+    """True when two landmarks list the same places in the same order (a merged mirror pair)."""
+    return len(centres_a) == len(centres_b) and np.array_equal(centres_a, centres_b)
 
 
 def _split_pooled_pair(rows: pd.DataFrame, group_a, group_b, answer_a: int, answer_b: int) -> pd.DataFrame:

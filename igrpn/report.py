@@ -469,6 +469,14 @@ DESIGN_DECISIONS = (
     "right; trained as two classes, the RPN gave a true eye p ≈ 0.5 for each (measured: 0.486–0.504 on "
     "training crops), below look-alikes elsewhere, and answered the eyes on the chin. The distance prior "
     "cannot help: distances are the same in a face and its mirror image.",
+    "For the graph prior the merged eye class is one class as well: the prior combines that class's top 2 "
+    "places (always a valid pair) with the top 2 of each other class, 2 · 2³ = 16 combinations, the eyes "
+    "then named by handedness. Until 2026-12-02 it combined all 2 · top_k = 4 places the pooled list "
+    "holds, and the prior often traded an eye scored 1.00 for a look-alike scored 0.05–0.47 ranked third "
+    "or fourth; on the validation hold-outs of five checkpoints the class's own top 2 gave IG-RPN 3.26 / "
+    "3.87 mm (two seeds) against 3.80 / 4.72, and was better for the RPN without IoU balance and both "
+    "SSDs too (docs/accuracy.md §18). The selection rule itself is the paper's (lowest Eq. (4) penalty, "
+    "scores unused).",
     "Beyond DESIGN (profile mixed_precision, on): forward and loss train under bf16 autocast where the "
     "device computes bf16 natively (CUDA Ampere and later, CPUs with AMX; not AVX512-BF16 alone, slower "
     "than fp32 there); weights, optimiser state, losses and inference stay fp32. With anchor matching "

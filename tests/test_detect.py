@@ -81,3 +81,30 @@ def test_pair_without_handedness_still_gives_two_places():
     chosen = answers(rows)
     assert np.allclose(chosen[0], FACE[2]) and np.allclose(chosen[2], FACE[0])  # named by score only
     assert len(rows) == 3 + 3  # each pooled place listed under one eye only
+
+
+def test_prior_combines_a_merged_pair_as_one_class_of_top_k_places():
+    from igrpn.prior import GraphPrior
+
+    rng = np.random.default_rng(0)
+    prior = GraphPrior().fit(FACE * rng.uniform(0.9, 1.1, (40, 1, 1)) + rng.normal(0, 0.3, (40, 5, 3)))
+    # The pooled eye list: both eyes found (the right one 5 mm off the mean face), then a weak
+    # third place where the right eye would fit the mean ratios exactly.
+    skewed_right = FACE[2] + [5.0, 0.0, 0.0]
+    pooled = [(FACE[0], 1.0), (skewed_right, 0.99), (FACE[2], 0.05)]
+    rows = candidate_rows(midline({0: pooled, 2: pooled}))
+    every_place = answers(select_answers(rows, prior, handedness=SIGN, min_pair_distance_mm=9.1))
+    assert np.allclose(every_place, FACE)  # all three places: the weak one fits better and wins
+    top_two = answers(select_answers(rows, prior, handedness=SIGN, min_pair_distance_mm=9.1, class_top_k=2))
+    assert np.allclose(top_two[[0, 2]], [FACE[0], skewed_right])  # the class's top 2, as any class's
+
+
+def test_a_merged_pair_keeps_its_best_pair_when_its_top_k_places_are_one():
+    from igrpn.prior import GraphPrior
+
+    rng = np.random.default_rng(1)
+    prior = GraphPrior().fit(FACE * rng.uniform(0.9, 1.1, (40, 1, 1)) + rng.normal(0, 0.3, (40, 5, 3)))
+    pooled = [(FACE[0], 0.9), (FACE[0] + 1.0, 0.85), (FACE[2], 0.8)]  # the top 2 are one place
+    rows = candidate_rows(midline({0: pooled, 2: pooled}))
+    chosen = answers(select_answers(rows, prior, handedness=SIGN, min_pair_distance_mm=9.1, class_top_k=2))
+    assert np.allclose(chosen, FACE)
