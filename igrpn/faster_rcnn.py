@@ -21,7 +21,10 @@ boxes, at most 25 % positive (IoU ≥ 0.5 with a GT, that GT's class), the rest 
 (IoU < 0.5).
 
 Loss = RPN objectness (BCE) + RPN regression + RoI classification (K+1 CE) + RoI regression
-(smooth-L1 on the positives' deltas of their class). The IoU-balanced loss has no Faster R-CNN row
+(smooth-L1 on the positives' deltas of their class). With ``profile.merge_mirror_pairs`` the two
+eyes are one class in stage two, as in the RPN and the SSD: the cross-entropy's target is
+p_left + p_right, both eyes regress with the left eye's deltas, and the candidates list the merged
+class's places under both names (``select_per_class``'s ``mirror_pairs``). The IoU-balanced loss has no Faster R-CNN row
 in the paper: ``iou_balance`` is accepted and ignored.
 
 In training mode ``forward`` stops after the proposals (stage two runs in :meth:`loss`, on the
@@ -38,7 +41,7 @@ from torch.nn import functional as F
 
 from igrpn import boxes as box_ops
 from igrpn.config import Profile
-from igrpn.losses import smooth_l1
+from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
 from igrpn.model import (Backbone, LandmarkModel, conv3d_relu, detection_stride, fast_path_applies, pad_to_multiple,
                          pointwise_head, single_threaded)
 from igrpn.ssd import flatten_anchor_outputs, select_per_class
@@ -337,10 +340,12 @@ class FasterRCNNModel(LandmarkModel):
 
         rois, labels, matched_gt = self._sample_rois(outputs["rois"].detach(), gt_corner, generator)
         roi_logits, roi_deltas = self.box_head(features, rois)
-        roi_cls = F.cross_entropy(roi_logits, labels)
+        # A mirror pair is one class (p_a + p_b, as the RPN's and the SSD's) with class a's deltas.
+        roi_cls = iou_balanced_cross_entropy(roi_logits, labels, torch.zeros(labels.shape, device=labels.device),
+                                             enabled=False, mirror_pairs=self.mirror_pairs)
         positive = labels > 0
         pos_rois = box_ops.corner_to_centre(rois[positive, 1:])
-        pos_pred = roi_deltas[positive, labels[positive] - 1]  # the deltas of each RoI's own class
+        pos_pred = roi_deltas[positive, self._regression_class(labels[positive]) - 1]
         targets = box_ops.encode(box_ops.corner_to_centre(matched_gt[positive]), pos_rois) * self.roi_delta_weights
         roi_reg = smooth_l1(pos_pred, targets)
         with torch.no_grad():
@@ -358,12 +363,18 @@ class FasterRCNNModel(LandmarkModel):
             "mean_pos_iou": pos_iou.mean() if pos_iou.numel() else pos_iou.new_zeros(()),
         }
 
+    def _regression_class(self, labels: Tensor) -> Tensor:
+        """The class whose deltas regress a RoI of class ``labels``: its own, class a for a mirror pair's b."""
+        for a, b in self.mirror_pairs:
+            labels = torch.where(labels == b, torch.full_like(labels, a), labels)
+        return labels
+
     @torch.no_grad()
     @single_threaded
     def candidates(self, outputs: dict[str, Tensor], top_k: int | None = None) -> list[list[tuple[Tensor, Tensor]]]:
-        """Per volume and landmark, up to ``top_k`` boxes (``None``: ``profile.top_k``): stage-two
-        softmax score of the class, the RoI refined by that class's deltas and clipped to the
-        volume, per-class NMS at ``profile.nms_iou``.
+        """Per volume and landmark, up to ``top_k`` boxes (``None``: ``profile.top_k``; 2·top_k for
+        a merged mirror pair): stage-two softmax score of the class, the RoI refined by that class's
+        deltas and clipped to the volume, per-class NMS at ``profile.nms_iou``.
 
         Returns ``[volume][landmark] = (boxes (n, 6) centre form voxels, scores (n,))``."""
         top_k = self.profile.top_k if top_k is None else int(top_k)
@@ -380,5 +391,6 @@ class FasterRCNNModel(LandmarkModel):
         results = []
         for volume_index in range(outputs["features"].shape[0]):
             mine = rois[:, 0] == volume_index
-            results.append(select_per_class(boxes[mine], scores[mine], self.profile.nms_iou, top_k, int(mine.sum())))
+            results.append(select_per_class(boxes[mine], scores[mine], self.profile.nms_iou, top_k, int(mine.sum()),
+                                            self.mirror_pairs))
         return results

@@ -461,7 +461,7 @@ DESIGN_DECISIONS = (
     "there at inference (IG-RPN chin 63 mm off). Measured on the test split with everything else "
     "equal: 8 epochs of whole volumes 26.5 mm, 12 epochs of crops 33–35 mm, in the same time.",
     "Beyond the paper (profile merge_mirror_pairs, on): the left and right eye are trained and scored as "
-    "one class (p_left + p_right; Faster R-CNN and heatmap keep their two outputs), the two eye answers "
+    "one class (p_left + p_right; the heatmap keeps its two outputs), the two eye answers "
     "must be two places (at least half an eye box apart), and they are named left and right by the "
     "sign of (left − right) · ((brow − nose) × (mid(brow, nose) − mid(eyes))), the face's handedness, "
     "measured on the training split (the same for all 120 phantom annotations). Why: the phantom's "

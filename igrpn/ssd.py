@@ -11,7 +11,9 @@ our model" with a one-stage multi-scale detector (Liu et al., SSD).
   positive is used, and the negatives are the hardest ones by background loss, 3 per positive per
   volume (hard negative mining). The classification loss over the positives and the mined
   negatives is the K+1 softmax cross-entropy, IoU-balanced on the positives (Eq. 2-3) when
-  ``iou_balance`` is on (IG-SSD); regression is smooth-L1 on the positives.
+  ``iou_balance`` is on (IG-SSD); regression is smooth-L1 on the positives. Beyond the paper,
+  ``profile.classification_anchors = "all"`` replaces the miner by the RPN's focal loss over every
+  anchor (:func:`igrpn.losses.iou_balanced_focal_loss`); the default ``"sampled"`` is SSD's miner.
 * Candidates: softmax, decode, per-class top scores, NMS at ``profile.nms_iou``, ``top_k`` per class.
 
 ``forward`` returns the same keys as the RPN: ``cls_logits`` (N, A, K+1), ``deltas`` (N, A, 6) and
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from igrpn import boxes as box_ops
 from igrpn.config import Profile
-from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
+from igrpn.losses import iou_balanced_cross_entropy, iou_balanced_focal_loss, smooth_l1
 from igrpn.model import (Backbone, LandmarkModel, detection_stride, fast_conv3d, pad_to_multiple, single_threaded,
                          anchor_candidates)
 
@@ -75,7 +77,7 @@ def flatten_anchor_outputs(x: Tensor, num_anchors: int, per_anchor: int) -> Tens
 
 
 def select_per_class(
-    boxes: Tensor, scores: Tensor, nms_iou: float, top_k: int, pre_nms_top_n: int = 1000
+    boxes: Tensor, scores: Tensor, nms_iou: float, top_k: int, pre_nms_top_n: int = 1000, mirror_pairs=()
 ) -> list[tuple[Tensor, Tensor]]:
     """Per-class candidates of one volume: the ``pre_nms_top_n`` best-scored boxes of each class,
     greedy NMS at ``nms_iou``, at most ``top_k`` kept.
@@ -86,22 +88,34 @@ def select_per_class(
         nms_iou: NMS IoU threshold.
         top_k: boxes kept per class.
         pre_nms_top_n: boxes per class entering NMS.
+        mirror_pairs: class-id pairs (a, b) scored as one class: score p_a + p_b, class a's boxes,
+            up to ``2·top_k`` kept (two places per rank), the same list for both.
 
     Returns:
-        K tuples ``(boxes (n, 6), scores (n,))`` by decreasing score, n <= top_k.
+        K tuples ``(boxes (n, 6), scores (n,))`` by decreasing score, n <= top_k (2·top_k for a
+        mirror pair).
     """
     if scores.ndim != 2 or boxes.shape[0] != scores.shape[0] or boxes.shape[-1] != 6:
         raise ValueError(
             f"select_per_class: expected boxes (A, 6) or (A, K, 6) and scores (A, K), got "
             f"{tuple(boxes.shape)} and {tuple(scores.shape)}"
         )
+    pair_of = {b - 1: a - 1 for a, b in mirror_pairs}
+    if mirror_pairs:
+        scores = scores.clone()
+        for a, b in mirror_pairs:
+            scores[:, a - 1] += scores[:, b - 1]
     keep_n = min(int(pre_nms_top_n), scores.shape[0])
     top_scores, top_index = scores.topk(keep_n, dim=0)  # (keep_n, K) each
     results = []
     for c in range(scores.shape[1]):
+        if c in pair_of:
+            results.append(results[pair_of[c]])  # the merged class's list (a < b: built already)
+            continue
         index = top_index[:, c]
         class_boxes = boxes[index] if boxes.ndim == 2 else boxes[index, c]
-        keep = box_ops.nms(box_ops.centre_to_corner(class_boxes), top_scores[:, c], nms_iou, top_k)
+        wanted = 2 * top_k if c in pair_of.values() else top_k
+        keep = box_ops.nms(box_ops.centre_to_corner(class_boxes), top_scores[:, c], nms_iou, wanted)
         results.append((class_boxes[keep], top_scores[keep, c]))
     return results
 
@@ -120,6 +134,9 @@ class SSDModel(LandmarkModel):
         sizes = sorted(self.anchor_sizes_vox())
         if len(sizes) < 2:
             raise ValueError(f"profile {profile.name!r}: SSD needs at least 2 anchor sizes, got {sizes}")
+        if profile.classification_anchors not in ("sampled", "all"):
+            raise ValueError(f"profile {profile.name!r}: the SSD's classification_anchors must be 'sampled' (its "
+                             f"3:1 hard negatives) or 'all' (focal loss), got {profile.classification_anchors!r}")
         half = len(sizes) // 2
         self.backbone = Backbone(profile.width, stride=detection_stride(profile), fusion=profile.fusion,
                                  block1_convs=profile.block1_convs)
@@ -191,8 +208,10 @@ class SSDModel(LandmarkModel):
             for g in box_ops.centre_to_corner(gt_centre)
         ))
         labels, matched = torch.stack(labels), torch.stack(matched)  # (N, A) each
-        background_loss = -F.log_softmax(logits.detach().float(), dim=-1)[..., 0]  # fp32 under autocast too
-        selected = (labels > 0) | hard_negative_mask(background_loss, labels)
+        dense = self.profile.classification_anchors == "all"
+        if not dense:
+            background_loss = -F.log_softmax(logits.detach().float(), dim=-1)[..., 0]  # fp32 under autocast too
+            selected = (labels > 0) | hard_negative_mask(background_loss, labels)
 
         positive = labels > 0
         volume_index, anchor_index = torch.nonzero(positive, as_tuple=True)
@@ -203,13 +222,20 @@ class SSDModel(LandmarkModel):
         with torch.no_grad():
             decoded = box_ops.centre_to_corner(box_ops.decode(pos_deltas.detach(), pos_anchors))
             pos_iou = box_ops.paired_box_iou(decoded, box_ops.centre_to_corner(pos_gt))
-        ious = torch.zeros_like(background_loss)
+        ious = torch.zeros(labels.shape, device=logits.device)
         ious[positive] = pos_iou
 
-        loss_cls = iou_balanced_cross_entropy(
-            logits[selected], labels[selected], ious[selected], eta=self.profile.eta, enabled=self.iou_balance,
-            mirror_pairs=self.mirror_pairs,
-        )
+        if dense:
+            loss_cls = iou_balanced_focal_loss(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ious.reshape(-1),
+                gamma=self.profile.focal_gamma, eta=self.profile.eta, enabled=self.iou_balance,
+                mirror_pairs=self.mirror_pairs,
+            )
+        else:
+            loss_cls = iou_balanced_cross_entropy(
+                logits[selected], labels[selected], ious[selected], eta=self.profile.eta, enabled=self.iou_balance,
+                mirror_pairs=self.mirror_pairs,
+            )
         loss_reg = smooth_l1(pos_deltas, box_ops.encode(pos_gt, pos_anchors))
         num_pos = positive.sum()
         return {

@@ -287,7 +287,9 @@ def test_faster_rcnn_forward_shapes():
     # Candidates after a training-mode forward run stage two themselves.
     found = model.candidates(out, top_k=1)
     assert [len(v) for v in found] == [NUM_LANDMARKS] * 2
-    assert all(boxes.shape == (1, 6) for v in found for boxes, _ in v)
+    # one box per class; the merged eye pair lists up to two places (2·top_k) under both names
+    assert all(boxes.shape[1] == 6 and 1 <= boxes.shape[0] <= (2 if c in (0, 2) else 1)
+               for v in found for c, (boxes, _) in enumerate(v))
     # Proposals lie inside the volume [−0.5, 31.5]³ and have positive size.
     assert float(rois[:, 1:].min()) >= -0.5 and float(rois[:, 1:].max()) <= 31.5
     assert bool((rois[:, 4:] > rois[:, 1:4]).all())
@@ -370,11 +372,11 @@ def test_a_few_steps_reduce_the_loss_and_candidates_cover_five_landmarks(method)
     for per_volume in found:
         assert len(per_volume) == NUM_LANDMARKS
         for index, (boxes, scores) in enumerate(per_volume):
-            # merged eye scoring (ssd): one list of up to 2·top_k places for both eyes
-            most = 4 if method == "ssd" and index in (0, 2) else 2
+            # merged eye scoring (ssd, faster_rcnn): one list of up to 2·top_k places for both eyes
+            most = 4 if method in ("ssd", "faster_rcnn") and index in (0, 2) else 2
             assert boxes.ndim == 2 and boxes.shape[1] == 6 and 1 <= boxes.shape[0] <= most
             assert scores.shape == (boxes.shape[0],)
-        if method == "ssd":
+        if method in ("ssd", "faster_rcnn"):
             assert torch.equal(per_volume[0][0], per_volume[2][0])
             assert bool((scores[:-1] >= scores[1:]).all())  # sorted by score
             assert bool((boxes[:, 3:] > 0).all())
@@ -413,3 +415,48 @@ def test_ssd_and_faster_rcnn_build_the_profiles_backbone(model_class):
     assert lean.backbone.fusion == "sum" and len(lean.backbone.block1) == 3  # one [conv, BN, ReLU]
     paper = model_class(SMOKE)
     assert paper.backbone.fusion == "concat" and len(paper.backbone.block1) == 6
+
+
+@pytest.mark.parametrize("classification_anchors, easy_negative_counts", [("sampled", False), ("all", True)])
+def test_ssd_focal_option_puts_every_anchor_in_the_loss(classification_anchors, easy_negative_counts):
+    # SSD's miner keeps 3 negatives per positive: the easiest background anchor gets no gradient;
+    # the focal loss over every anchor gives it a (small) one.
+    torch.manual_seed(0)
+    model = SSDModel(dataclasses.replace(SMOKE, classification_anchors=classification_anchors))
+    volumes, landmarks = _synthetic_batch()
+    outputs = model(volumes)
+    logits = outputs["cls_logits"].detach().requires_grad_(True)
+    model.loss(dict(outputs, cls_logits=logits), landmarks)["loss"].backward()
+    easiest = torch.log_softmax(logits.detach(), -1)[0, :, 0].argmax()
+    assert bool(logits.grad[0, easiest].abs().sum() > 0) is easy_negative_counts
+
+
+def test_ssd_rejects_a_negative_sampler_it_does_not_have():
+    with pytest.raises(ValueError, match="SSD's classification_anchors must be 'sampled'.*'hard_pool'"):
+        SSDModel(dataclasses.replace(SMOKE, classification_anchors="hard_pool"))
+
+
+def test_select_per_class_scores_a_mirror_pair_as_one_class():
+    from igrpn.ssd import select_per_class
+
+    # Three places far apart; class-specific boxes differ only in their class index (in the size).
+    centres = torch.tensor([[10.0, 10, 10], [40, 40, 40], [70, 70, 70]])
+    boxes = torch.cat([centres[:, None].expand(3, 5, 3), torch.arange(1.0, 6)[None, :, None].expand(3, 5, 3)], -1)
+    scores = torch.zeros(3, 5)
+    scores[0, [0, 2]] = 0.3  # place 0: an eye, unsure which — 0.6 as the pair
+    scores[1, 0] = 0.5  # place 1: the left eye alone
+    scores[2, 2] = 0.2
+    separate = select_per_class(boxes, scores, nms_iou=0.25, top_k=2)
+    assert separate[0][0][0, :3].tolist() == [40, 40, 40]  # without merging place 1 leads
+    merged = select_per_class(boxes, scores, nms_iou=0.25, top_k=2, mirror_pairs=((1, 3),))
+    left, right = merged[0], merged[2]
+    assert torch.equal(left[0], right[0]) and torch.equal(left[1], right[1])
+    assert left[0][:, :3].tolist() == [[10, 10, 10], [40, 40, 40], [70, 70, 70]]  # up to 2·top_k
+    assert left[1].tolist() == pytest.approx([0.6, 0.5, 0.2])
+    assert bool((left[0][:, 3:] == 1).all())  # the left eye's (class 1's) boxes for the pair
+
+
+def test_faster_rcnn_regresses_a_mirror_pair_with_one_class():
+    model = FasterRCNNModel(SMOKE)
+    assert model.mirror_pairs == ((1, 3),)
+    assert model._regression_class(torch.tensor([0, 1, 2, 3, 4, 5])).tolist() == [0, 1, 2, 1, 4, 5]
