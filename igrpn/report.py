@@ -432,13 +432,16 @@ DESIGN_DECISIONS = (
     "Beyond the paper (profile settings_by_method): the RPN trains with SGD (momentum 0.9, Nesterov, lr "
     "0.01, weight decay 3e-5; warm-up and cosine), as nnDetection and MONAI's detection tutorials train, "
     "instead of AdamW (lr 2e-3): it won on validation with both seeds at the same wall-clock budget "
-    "(docs/experiments.csv). The paper does not name its optimiser; the baselines keep AdamW.",
+    "(docs/experiments.csv). The paper does not name its optimiser. The SSD and Faster R-CNN train with the "
+    "same SGD, one cube anchor per base size and the lean backbone below (each keeps its own negatives): "
+    "they beat their AdamW, paper-backbone runs on validation with both seeds (docs/accuracy.md §18).",
     "Beyond the paper (the cpu profile's RPN, Profile.fusion = \"sum\", block1_convs = 1): the backbone merges "
     "block 4 into block 3 and the fused map into block 2 as an FPN does (a 1×1×1 projection of the coarser map "
     "added to the finer one, then the 3×3×3 conv over the finer map's channels) instead of a 3×3×3 conv over "
     "their concatenation, and block 1 has one convolution instead of two: a training step costs ×0.49 on the "
     "2-core machine, and at equal minutes (about 9) it beat the paper's backbone with both seeds on validation "
-    "(docs/accuracy.md §16). The baselines and the paper profile keep the paper's backbone.",
+    "(docs/accuracy.md §16). The SSD and Faster R-CNN use it too; the heatmap and the paper profile keep "
+    "the paper's backbone.",
     "Per-class 3D NMS at IoU 0.25 so the two candidates per landmark are distinct places; top 2 per "
     "class → 2⁵ = 32 combinations (the extracted \"25\").",
     "The graph has 9 edges: all pairs except middle_eyebrow–chin.",

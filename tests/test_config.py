@@ -67,7 +67,8 @@ def test_the_paper_anchors_and_head_stay_the_default():
         profile = get_profile(name).for_method("rpn")
         assert (profile.anchor_shapes, profile.head_convs, profile.classification_anchors) == (
             "combinations", 1, "sampled")
-    # the cpu profile's RPN: cube anchors and the dense focal loss (chosen on validation); its baselines keep the paper's anchors
+    # the cpu profile's RPN: cube anchors and the dense focal loss (chosen on validation); the SSD and
+    # Faster R-CNN share its optimiser, anchors and backbone but keep their own negatives
     cpu = get_profile("cpu")
     rpn = cpu.for_method("rpn")
     assert (rpn.anchor_shapes, rpn.classification_anchors, rpn.matcher) == ("cubes", "all", "atss")
@@ -75,4 +76,8 @@ def test_the_paper_anchors_and_head_stay_the_default():
     assert get_profile("paper").matcher == "iou"
     assert (get_profile("paper").fusion, get_profile("paper").block1_convs) == ("concat", 2)
     assert cpu.for_method("heatmap").fusion == "concat"
-    assert cpu.for_method("ssd").anchor_shapes == cpu.for_method("faster_rcnn").anchor_shapes == "combinations"
+    for baseline in ("ssd", "faster_rcnn"):
+        settings = cpu.for_method(baseline)
+        assert (settings.optimizer, settings.anchor_shapes, settings.fusion) == ("sgd", "cubes", "sum")
+        assert (settings.classification_anchors, settings.matcher) == ("sampled", "iou")
+    assert cpu.for_method("heatmap").optimizer == "adamw"
