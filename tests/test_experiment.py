@@ -28,7 +28,11 @@ def test_an_override_wins_over_the_methods_own_settings():
     # the cpu profile gives the RPN SGD at lr 0.01 (settings_by_method); --set lr=0.05 must reach it
     profile = experiment.run_profile("cpu", "rpn", {"lr": 0.05, "anchor_shapes": "cubes"})
     assert (profile.lr, profile.optimizer, profile.anchor_shapes) == (0.05, "sgd", "cubes")
-    assert experiment.run_profile("cpu", "ssd", {}).optimizer == "adamw"
+    # the heatmap has no per-method settings: it keeps the profile's own optimizer
+    assert experiment.run_profile("cpu", "heatmap", {}).optimizer == "adamw"
+    # the SSD shares the RPN's optimizer but keeps its own negatives (the 3:1 miner)
+    ssd = experiment.run_profile("cpu", "ssd", {})
+    assert ssd.optimizer == "sgd" and ssd.classification_anchors != "all"
 
 
 def test_a_bad_setting_is_a_usage_error_before_any_training(capsys):
