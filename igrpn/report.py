@@ -705,16 +705,26 @@ def peer_markdown(experiments: pd.DataFrame) -> str:
     # Trainings by epoch count (make reproduce's) take a few % more or less than a peer's budget.
     near = experiments["budget_s"].astype(float).apply(lambda b: any(abs(b - p) <= 0.15 * p for p in budgets))
     rows = experiments[near]
-    lines = ["| budget (min) | configuration | method | seeds | val d-mean (mm), mean [min–max] | val hit50 (%) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| budget (min) | configuration | method | seeds | val d-mean (mm), mean [min–max] | val hit50 (%) "
+             "| with the graph prior: val d-mean (mm) |",
+             "|---|---|---|---|---|---|---|"]
     for (name, method), runs in rows.groupby(["name", "method"], sort=True):
-        d = runs["val_d_mean"].astype(float)
         budget = runs["budget_s"].astype(float)
         minutes = (f"{budget.min() / 60:.1f}" if budget.max() - budget.min() < 6
                    else f"{budget.min() / 60:.1f}–{budget.max() / 60:.1f}")
-        lines.append(f"| {minutes} | {name} | {method} | {len(runs)} | {d.mean():.2f} "
-                     f"[{d.min():.2f}–{d.max():.2f}] | {100 * runs['val_hit50'].astype(float).mean():.1f} |")
+        lines.append(f"| {minutes} | {name} | {method} | {len(runs)} | {_spread(runs['val_d_mean'])} "
+                     f"| {100 * runs['val_hit50'].astype(float).mean():.1f} "
+                     f"| {_spread(runs.get('val_prior_d_mean', pd.Series(dtype=float)))} |")
     return "\n".join(lines) + "\n"
+
+
+def _spread(values: pd.Series) -> str:
+    """``mean [min–max]`` of the finite values (2 decimals), ``–`` when there are none (the peer has
+    no graph prior)."""
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    if values.empty:
+        return "–"
+    return f"{values.mean():.2f} [{values.min():.2f}–{values.max():.2f}]"
 
 
 #: The run name of the MONAI peer that ``make reproduce`` trains (``runs/monai_peer/``) and scores
@@ -795,6 +805,22 @@ def peer_section(tables: Path, experiments: pd.DataFrame) -> list[str]:
                   "trained, on the validation part of the training split (`docs/experiments.csv`; the budgets "
                   "are wall-clock on the machine of each run):", "", validation]
     return parts
+
+
+#: The `cpu` profile's budget for the whole ``make reproduce`` (DESIGN §8), minutes: aimed at, at most.
+CPU_BUDGET_MIN = (60, 120)
+
+
+def _budget_sentence(profile: Profile, total_s: float) -> str:
+    """The run's wall time against the `cpu` budget (empty for the other profiles, which have none)."""
+    if profile.name != "cpu":
+        return ""
+    aim, cap = CPU_BUDGET_MIN
+    verdict = ("within the aim" if total_s <= 60 * aim else
+               f"over the {aim} minutes aimed at, within the {cap} allowed" if total_s <= 60 * cap else
+               f"over the {cap} minutes allowed")
+    return (f"The whole run took {total_s / 60:.1f} min: {verdict} (DESIGN §8). A run whose trainings were "
+            "reused is shorter than a full one; what shorter budgets reach on validation: `docs/accuracy.md`.")
 
 
 def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Path:
@@ -901,6 +927,8 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
         *[f"| {s['step']} | {s['seconds']:.0f} | {'yes' if s.get('reused') else ''} | "
           f"{_fmt(training_seconds(out_dir, s['step']), 0)} |" for s in steps],
         f"| **total** | **{total:.0f}** | | |",
+        "",
+        _budget_sentence(profile, total),
         "",
         "A reused training's step only re-executes its notebook; the last column is the time its epochs "
         "took when it was trained (optimiser steps, validation excluded: the sum of the epoch times in "

@@ -126,13 +126,17 @@ def test_peer_section_lists_the_runs_at_the_peers_budget():
     rows = pd.DataFrame([
         {"budget_s": 480.0, "name": "peer", "method": "monai_retinanet", "val_d_mean": 12.0, "val_hit50": 0.3},
         {"budget_s": 480.0, "name": "peer", "method": "monai_retinanet", "val_d_mean": 14.0, "val_hit50": 0.1},
-        {"budget_s": 450.0, "name": "sgd", "method": "rpn", "val_d_mean": 11.0, "val_hit50": 0.4},
-        {"budget_s": 510.0, "name": "sgd", "method": "rpn", "val_d_mean": 13.0, "val_hit50": 0.2},
+        {"budget_s": 450.0, "name": "sgd", "method": "rpn", "val_d_mean": 11.0, "val_hit50": 0.4,
+         "val_prior_d_mean": 10.0},
+        {"budget_s": 510.0, "name": "sgd", "method": "rpn", "val_d_mean": 13.0, "val_hit50": 0.2,
+         "val_prior_d_mean": 9.0},
         {"budget_s": 240.0, "name": "sgd4", "method": "rpn", "val_d_mean": 20.0, "val_hit50": 0.1},
     ])
     text = peer_markdown(rows)
-    assert "| 8.0 | peer | monai_retinanet | 2 | 13.00 [12.00–14.00] | 20.0 |" in text
-    assert "| 7.5–8.5 | sgd | rpn | 2 | 12.00 [11.00–13.00] | 30.0 |" in text and "sgd4" not in text
+    # the peer has no graph prior: its prior column is a dash
+    assert "| 8.0 | peer | monai_retinanet | 2 | 13.00 [12.00–14.00] | 20.0 | – |" in text
+    assert "| 7.5–8.5 | sgd | rpn | 2 | 12.00 [11.00–13.00] | 30.0 | 9.50 [9.00–10.00] |" in text
+    assert "sgd4" not in text
     assert peer_markdown(rows[rows["method"] == "rpn"]) == ""
 
 
@@ -190,3 +194,14 @@ def test_the_peer_target_reads_the_paired_test_comparison(tmp_path):
                   {"configuration": "rpn_ib + prior", "diff_vs_peer": -1.5, "diff_lo": -2.5, "diff_hi": -0.5,
                    "verdict": "better"}]).to_csv(tmp_path / "peer_test.csv", index=False)
     assert report._peer_target_row(tmp_path).endswith("| Δ -1.50 mm [-2.50, -0.50] | yes |")
+
+
+def test_the_wall_time_is_judged_against_the_cpu_budget():
+    from igrpn.config import get_profile
+    from igrpn.report import _budget_sentence
+
+    cpu = get_profile("cpu")
+    assert "70.5 min: over the 60 minutes aimed at, within the 120 allowed" in _budget_sentence(cpu, 70.5 * 60)
+    assert "within the aim" in _budget_sentence(cpu, 59 * 60)
+    assert "over the 120 minutes allowed" in _budget_sentence(cpu, 121 * 60)
+    assert _budget_sentence(get_profile("smoke"), 121 * 60) == ""
