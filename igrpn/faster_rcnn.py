@@ -4,9 +4,9 @@ part of our model" with a two-stage detector (Ren et al.), with RoIAlign (He et 
 Stage one, an RPN with binary objectness: a 3×3×3 conv on the backbone's detection map (``features``,
 stride 4, or 2 at half the paper's resolution), then 1×1×1
 convs giving one sigmoid objectness logit and 6 deltas for each of the IG-RPN's anchors
-(``make_anchors`` on the fused map, the profile's 4³ anchor shapes). Anchors are labelled as the
-RPN's (:func:`igrpn.boxes.match_anchors`) with the landmark classes merged into "object", and
-``profile.samples_per_volume`` of them are sampled per volume (at most ``positive_fraction``
+(``make_anchors`` on the fused map, the profile's anchor shapes). Anchors are labelled as the
+RPN's (``profile.matcher``: the paper's IoU rule or ATSS) with the landmark classes merged into
+"object", and ``profile.samples_per_volume`` of them are sampled per volume (at most ``positive_fraction``
 positive). Proposals: decode, clip to the volume, drop boxes under one voxel, keep the
 ``PRE_NMS_TOP_N`` best, NMS at ``RPN_NMS_IOU`` = 0.7, keep ``POST_NMS_TOP_N`` (300 training /
 100 testing; ``profile.extra`` may override them, see :meth:`FasterRCNNModel.__init__`).
@@ -288,10 +288,8 @@ class FasterRCNNModel(LandmarkModel):
         object_labels = torch.ones(gt_corner.shape[1], dtype=torch.int64, device=anchors.device)
         chosen_volume, chosen_anchor, targets, pos_volume, pos_anchor, pos_targets = [], [], [], [], [], []
         for volume_index, gt in enumerate(gt_corner):
-            labels, matched = box_ops.match_anchors(
-                anchors_corner, gt, object_labels, self.profile.pos_iou, self.profile.neg_iou,
-                candidates=self.anchors_near(anchors, gt, self.profile.neg_iou),
-            )
+            labels, matched = self.label_anchors(anchors, anchors_corner, box_ops.corner_to_centre(gt), gt,
+                                                 object_labels)
             chosen = box_ops.sample_balanced(
                 labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator
             )

@@ -411,6 +411,30 @@ class LandmarkModel(nn.Module):
             return torch.cat(parts).to(anchors.device)
         return None
 
+    def label_anchors(self, anchors: Tensor, anchors_corner: Tensor, gt_centre: Tensor, gt_corner: Tensor,
+               gt_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Labels (A,) and matched GT (A,) of the anchors of one volume (``profile.matcher``); used
+        by the RPN and by Faster R-CNN's stage one (there with every GT labelled 1, "object").
+
+        ``"iou"``: the paper's rule (:func:`igrpn.boxes.match_anchors`). ``"atss"``: the positives
+        of :func:`igrpn.boxes.atss_positives` (``profile.atss_cells`` nearest cells), the paper's
+        negatives (IoU < ``neg_iou`` with every GT), every other anchor ignored.
+        """
+        profile = self.profile
+        near = self.anchors_near(anchors, gt_corner, profile.neg_iou)
+        if profile.matcher == "iou":
+            return box_ops.match_anchors(anchors_corner, gt_corner, gt_labels, profile.pos_iou, profile.neg_iou,
+                                         candidates=near)
+        # With both thresholds at neg_iou, label 0 is exactly "IoU < neg_iou with every GT".
+        labels, _ = box_ops.match_anchors(anchors_corner, gt_corner, gt_labels, profile.neg_iou, profile.neg_iou,
+                                          candidates=near)
+        labels = torch.where(labels == 0, 0, -1)
+        matched = torch.zeros_like(labels)
+        positive, gt_index = box_ops.atss_positives(anchors, gt_centre, self.num_anchors_per_cell,
+                                                    profile.atss_cells)
+        labels[positive], matched[positive] = gt_labels[gt_index], gt_index
+        return labels, matched
+
     @property
     def mirror_pairs(self) -> tuple[tuple[int, int], ...]:
         """Class-id pairs trained and scored as one class (``profile.merge_mirror_pairs``), or ()."""
@@ -842,7 +866,7 @@ class RPNModel(LandmarkModel):
         all_labels = []
         for volume_index, gt_centre in enumerate(gt_centres):
             gt_corner = box_ops.centre_to_corner(gt_centre)
-            labels, matched = self._match(anchors, anchors_corner, gt_centre, gt_corner, gt_labels)
+            labels, matched = self.label_anchors(anchors, anchors_corner, gt_centre, gt_corner, gt_labels)
             if dense:
                 # Every anchor enters the classification loss; every positive is regressed.
                 all_labels.append(labels)
@@ -902,29 +926,6 @@ class RPNModel(LandmarkModel):
             "num_pos": num_pos.float(),
             "mean_pos_iou": mean_pos_iou.detach(),
         }
-
-    def _match(self, anchors: Tensor, anchors_corner: Tensor, gt_centre: Tensor, gt_corner: Tensor,
-               gt_labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Labels (A,) and matched GT (A,) of the anchors of one volume (``profile.matcher``).
-
-        ``"iou"``: the paper's rule (:func:`igrpn.boxes.match_anchors`). ``"atss"``: the positives
-        of :func:`igrpn.boxes.atss_positives` (``profile.atss_cells`` nearest cells), the paper's
-        negatives (IoU < ``neg_iou`` with every GT), every other anchor ignored.
-        """
-        profile = self.profile
-        near = self.anchors_near(anchors, gt_corner, profile.neg_iou)
-        if profile.matcher == "iou":
-            return box_ops.match_anchors(anchors_corner, gt_corner, gt_labels, profile.pos_iou, profile.neg_iou,
-                                         candidates=near)
-        # With both thresholds at neg_iou, label 0 is exactly "IoU < neg_iou with every GT".
-        labels, _ = box_ops.match_anchors(anchors_corner, gt_corner, gt_labels, profile.neg_iou, profile.neg_iou,
-                                          candidates=near)
-        labels = torch.where(labels == 0, 0, -1)
-        matched = torch.zeros_like(labels)
-        positive, gt_index = box_ops.atss_positives(anchors, gt_centre, self.num_anchors_per_cell,
-                                                    profile.atss_cells)
-        labels[positive], matched[positive] = gt_labels[gt_index], gt_index
-        return labels, matched
 
     def _sampled_positives(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         """The positives ``sample_balanced`` would draw from ``labels`` (A,), without negatives."""

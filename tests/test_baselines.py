@@ -460,3 +460,22 @@ def test_faster_rcnn_regresses_a_mirror_pair_with_one_class():
     model = FasterRCNNModel(SMOKE)
     assert model.mirror_pairs == ((1, 3),)
     assert model._regression_class(torch.tensor([0, 1, 2, 3, 4, 5])).tolist() == [0, 1, 2, 1, 4, 5]
+
+
+@pytest.mark.parametrize("matcher", ["iou", "atss"])
+def test_faster_rcnn_stage_one_labels_anchors_by_the_profiles_matcher(matcher):
+    from igrpn import boxes as box_ops
+
+    model = FasterRCNNModel(dataclasses.replace(SMOKE, matcher=matcher))
+    anchors = model.anchors((8, 8, 8), model.stride)
+    anchors_corner = box_ops.centre_to_corner(anchors)
+    gt_corner = box_ops.centre_to_corner(model.gt_boxes(LANDMARKS_32))
+    object_labels = torch.ones(NUM_LANDMARKS, dtype=torch.int64)
+    labels, matched = model.label_anchors(anchors, anchors_corner, box_ops.corner_to_centre(gt_corner), gt_corner,
+                                          object_labels)
+    assert set(labels.unique().tolist()) <= {-1, 0, 1}
+    if matcher == "iou":  # the paper's rule, exactly
+        expected, _ = box_ops.match_anchors(anchors_corner, gt_corner, object_labels, SMOKE.pos_iou, SMOKE.neg_iou)
+        assert torch.equal(labels, expected)
+    else:  # ATSS gives every landmark positives of its own, the small eye boxes included
+        assert set(matched[labels > 0].tolist()) == set(range(NUM_LANDMARKS))
