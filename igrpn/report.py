@@ -811,16 +811,18 @@ def peer_section(tables: Path, experiments: pd.DataFrame) -> list[str]:
 CPU_BUDGET_MIN = (60, 120)
 
 
-def _budget_sentence(profile: Profile, total_s: float) -> str:
-    """The run's wall time against the `cpu` budget (empty for the other profiles, which have none)."""
+def _budget_sentence(profile: Profile, total_s: float, reused: bool = False) -> str:
+    """The run's wall time against the `cpu` budget (empty for the other profiles, which have none);
+    ``reused``: some training was reused, so the run is shorter than a full one."""
     if profile.name != "cpu":
         return ""
     aim, cap = CPU_BUDGET_MIN
     verdict = ("within the aim" if total_s <= 60 * aim else
                f"over the {aim} minutes aimed at, within the {cap} allowed" if total_s <= 60 * cap else
                f"over the {cap} minutes allowed")
-    return (f"The whole run took {total_s / 60:.1f} min: {verdict} (DESIGN §8). A run whose trainings were "
-            "reused is shorter than a full one; what shorter budgets reach on validation: `docs/accuracy.md`.")
+    partial = " Some trainings were reused: a full run (`--force`) takes longer." if reused else ""
+    return (f"The whole run took {total_s / 60:.1f} min: {verdict} (DESIGN §8).{partial} What shorter budgets "
+            "reach on validation: `docs/accuracy.md`.")
 
 
 def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Path:
@@ -928,7 +930,7 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
           f"{_fmt(training_seconds(out_dir, s['step']), 0)} |" for s in steps],
         f"| **total** | **{total:.0f}** | | |",
         "",
-        _budget_sentence(profile, total),
+        _budget_sentence(profile, total, reused=any(s.get("reused") for s in steps)),
         "",
         "A reused training's step only re-executes its notebook; the last column is the time its epochs "
         "took when it was trained (optimiser steps, validation excluded: the sum of the epoch times in "

@@ -202,6 +202,7 @@ def test_the_wall_time_is_judged_against_the_cpu_budget():
 
     cpu = get_profile("cpu")
     assert "70.5 min: over the 60 minutes aimed at, within the 120 allowed" in _budget_sentence(cpu, 70.5 * 60)
-    assert "within the aim" in _budget_sentence(cpu, 59 * 60)
+    assert "within the aim" in _budget_sentence(cpu, 59 * 60) and "reused" not in _budget_sentence(cpu, 59 * 60)
+    assert "a full run (`--force`) takes longer" in _budget_sentence(cpu, 59 * 60, reused=True)
     assert "over the 120 minutes allowed" in _budget_sentence(cpu, 121 * 60)
     assert _budget_sentence(get_profile("smoke"), 121 * 60) == ""
