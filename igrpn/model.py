@@ -412,7 +412,7 @@ class LandmarkModel(nn.Module):
         return None
 
     def label_anchors(self, anchors: Tensor, anchors_corner: Tensor, gt_centre: Tensor, gt_corner: Tensor,
-               gt_labels: Tensor) -> tuple[Tensor, Tensor]:
+                      gt_labels: Tensor) -> tuple[Tensor, Tensor]:
         """Labels (A,) and matched GT (A,) of the anchors of one volume (``profile.matcher``); used
         by the RPN and by Faster R-CNN's stage one (there with every GT labelled 1, "object").
 
