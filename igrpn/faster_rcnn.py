@@ -288,8 +288,8 @@ class FasterRCNNModel(LandmarkModel):
         object_labels = torch.ones(gt_corner.shape[1], dtype=torch.int64, device=anchors.device)
         chosen_volume, chosen_anchor, targets, pos_volume, pos_anchor, pos_targets = [], [], [], [], [], []
         for volume_index, gt in enumerate(gt_corner):
-            labels, matched = self.label_anchors(anchors, anchors_corner, box_ops.corner_to_centre(gt), gt,
-                                                 object_labels)
+            gt_centre = box_ops.corner_to_centre(gt)
+            labels, matched = self.label_anchors(anchors, anchors_corner, gt_centre, gt, object_labels)
             chosen = box_ops.sample_balanced(
                 labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator
             )
@@ -299,8 +299,7 @@ class FasterRCNNModel(LandmarkModel):
             targets.append((labels[chosen] > 0).to(objectness.dtype))
             pos_volume.append(torch.full_like(positives, volume_index))
             pos_anchor.append(positives)
-            gt_centre = box_ops.corner_to_centre(gt[matched[positives]])
-            pos_targets.append(box_ops.encode(gt_centre, anchors[positives]))
+            pos_targets.append(box_ops.encode(gt_centre[matched[positives]], anchors[positives]))
         # One gather per output for the whole batch: each index's backward fills a zero tensor of
         # the full output, so per-volume gathers cost one such fill per volume.
         logits = objectness[torch.cat(chosen_volume), torch.cat(chosen_anchor)]

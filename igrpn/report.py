@@ -694,8 +694,9 @@ EXPERIMENTS_CSV = Path(__file__).resolve().parent.parent / "docs" / "experiments
 def peer_markdown(experiments: pd.DataFrame) -> str:
     """The runs at the budgets where MONAI's RetinaNet peer was trained, on validation data.
 
-    One row per configuration and budget: the mean, the spread (min–max) over seeds and the number
-    of seeds of the validation d-mean and hit50. Empty string when no peer run exists.
+    One row per configuration and budget: the number of seeds, the mean and spread (min–max) over
+    seeds of the validation d-mean, the mean hit50 and, where the run was scored with it, the graph
+    prior's d-mean. Empty string when no peer run exists.
     """
     from igrpn.experiment import PEER_METHOD
 
