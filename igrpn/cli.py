@@ -18,12 +18,12 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from igrpn.config import PROFILES
+from igrpn.io import atomic_write_files, atomic_write_text, check_writable
 
 #: Suffixes ``igrpn predict --out`` understands, and the format each selects.
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
@@ -366,7 +366,6 @@ def _predict_all(detector, paths: list[Path], failures: list, markups_dir, quiet
 
 def _write_outputs(results: list, markups: dict, out: Path | None) -> None:
     """Write the predictions (or print them) and the markups files, all or none."""
-    from igrpn.markups import atomic_write_files
 
     files = dict(markups)
     if results and out is not None:
@@ -489,30 +488,6 @@ def output_format(path: Path) -> str:
     return fmt
 
 
-def check_writable(path: Path) -> None:
-    """Fail early, before any prediction, when ``path`` cannot be written.
-
-    Creates and removes a temporary file in the target directory (what the atomic write will do).
-
-    Raises:
-        OSError naming the file: directory missing, not a directory, not writable; path is a
-        directory.
-    """
-    parent = path.parent
-    if path.is_dir():
-        raise IsADirectoryError(f"{path}: cannot write the output: it is a directory")
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise FileNotFoundError(f"{path}: cannot write the output: directory {parent} {what}")
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise PermissionError(f"{path}: cannot write the output in {parent}: "
-                              f"{error.strerror or error}") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
 def check_markups_names(paths: list[Path], directory) -> None:
     """Refuse two volumes whose markups files would be the same (same name, other folders)."""
     from igrpn.markups import markups_path_for
@@ -562,7 +537,6 @@ def selected_rows(rows):
 
 def write_predictions(results: list, path: Path) -> None:
     """Write ``[(volume, rows)]`` as CSV (every row) or JSON (per volume), atomically."""
-    from igrpn.markups import atomic_write_text
 
     atomic_write_text(path, predictions_text(results, path))
 
@@ -668,7 +642,7 @@ def cmd_markups_to_manifest(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from igrpn.data import REQUIRED_COLUMNS
-    from igrpn.markups import atomic_write_text, manifest_row_from_markups, markups_path_for, volume_stem
+    from igrpn.markups import manifest_row_from_markups, markups_path_for, volume_stem
 
     out = Path(args.out)
     check_writable(out)

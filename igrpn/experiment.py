@@ -38,6 +38,7 @@ import torch
 
 from igrpn import config
 from igrpn.config import LANDMARKS, Profile, get_profile
+from igrpn.io import atomic_write_files
 
 #: Columns of ``docs/experiments.csv``; distances in mm, hit50 and eye counts as given.
 LOG_COLUMNS = (
@@ -129,7 +130,6 @@ def summary(row: dict) -> str:
 def append_row(row: dict, path: Path) -> None:
     """Append one row to the log (header written when the file is new; a log written with fewer
     columns is rewritten with today's, its old rows' new cells empty); never a half-written file."""
-    from igrpn.markups import atomic_write_files
 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else ""

@@ -429,7 +429,8 @@ def train_peer(profile: Profile, seed: int, out_dir: Path, manifest: Path, budge
     from tqdm.auto import tqdm
 
     from igrpn.data import LandmarkDataset, collate
-    from igrpn.train import atomic_torch_save, learning_rate_at, seed_everything
+    from igrpn.io import atomic_torch_save
+    from igrpn.train import learning_rate_at, seed_everything
 
     if not budget_s > 0:
         raise ValueError(f"train_peer: budget_s must be > 0 seconds, got {budget_s}")

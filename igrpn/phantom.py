@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from igrpn.config import GT_BOX_MM, LANDMARKS, NUM_LANDMARKS
+from igrpn.io import atomic_write_files
 
 __all__ = [
     "MATERIAL_NAMES", "MANIFEST_COLUMNS", "PhantomOptions", "PhantomInfo", "make_phantom",
@@ -1170,7 +1171,6 @@ def split_labels(seed: int, n: int, n_test: int) -> list[str]:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (never half-written;
     ``markups.atomic_write_files``), creating the folder."""
-    from igrpn.markups import atomic_write_files
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_files({path: data})

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from igrpn.config import LANDMARKS, NUM_LANDMARKS
+from igrpn.io import atomic_write_files
 
 _EYE_LEFT, _BROW, _EYE_RIGHT, _NOSE = (LANDMARKS.index(n) for n in ("left_eye", "middle_eyebrow", "right_eye",
                                                                      "nose_tip"))
@@ -452,7 +453,6 @@ class GraphPrior:
 
     def save(self, path) -> Path:
         """Write the prior as JSON (edges, ratio names, µ, σ, n_fit, version); returns the path."""
-        from igrpn.markups import atomic_write_files
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from igrpn.config import GT_BOX_MM, LANDMARKS, RUN_CONFIGS, Profile
+from igrpn.io import atomic_write_files
 
 #: Metrics of the tables, in the paper's order, then ours beyond the paper.
 PAPER_METRICS = ("ap", "ap35", "ap50", "ap75", "miou", "d_mean", "time_ms")
@@ -198,8 +199,6 @@ def evaluate_runs(
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    from igrpn.markups import atomic_write_files
-
     atomic_write_files({path: frame.to_csv(index=False)})
 
 

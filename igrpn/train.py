@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from igrpn import config, distributed
 from igrpn.config import Profile, get_profile
+from igrpn.io import atomic_torch_save, atomic_write_files
 
 #: Bumped whenever the checkpoint layout changes; older or newer files are refused.
 CHECKPOINT_FORMAT = 1
@@ -121,21 +122,8 @@ def make_optimizer(parameters, profile: Profile) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=profile.lr, weight_decay=profile.weight_decay)
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write ``obj`` with ``torch.save`` atomically (``markups.atomic_write_files``: never a
-    half-written file, the mode an ordinary write gives); creates the folder."""
-    from igrpn.markups import atomic_write_files
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_files({path: buffer.getvalue()})
-
-
 def write_log(rows: list[dict], path: Path) -> None:
     """Write the log CSV atomically."""
-    from igrpn.markups import atomic_write_files
 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = io.StringIO(newline="")

@@ -29,7 +29,8 @@ def make_checkpoint(path, method: str = "rpn", profile_name: str = "smoke", seed
     import igrpn
     from igrpn.config import get_profile
     from igrpn.model import build_model
-    from igrpn.train import CHECKPOINT_FORMAT, atomic_torch_save
+    from igrpn.train import CHECKPOINT_FORMAT
+    from igrpn.io import atomic_torch_save
 
     torch.manual_seed(seed)
     profile = get_profile(profile_name)

@@ -13,6 +13,7 @@ import pytest
 from fixtures_ckpt import FACE_MM, prior_file, random_volume, smoke_checkpoint, write_nifti  # noqa: F401
 
 import igrpn.cli
+import igrpn.io
 import igrpn.markups
 import igrpn.reproduce
 import igrpn.train
@@ -293,7 +294,7 @@ def test_read_only_output_directory_is_refused(tmp_path, smoke_checkpoint, capsy
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(igrpn.cli.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(igrpn.io.tempfile, "mkstemp", refuse)
     try:
         status, _, err = _run(["predict", good, "--checkpoint", smoke_checkpoint, "--out", locked / "p.json"],
                               capsys)
@@ -312,7 +313,7 @@ def test_a_write_failing_midway_leaves_no_partial_or_temporary_file(tmp_path, sm
     def failing_replace(source, target):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(igrpn.markups.os, "replace", failing_replace)
+    monkeypatch.setattr(igrpn.io.os, "replace", failing_replace)
     status, _, err = _run(["predict", good, "--checkpoint", smoke_checkpoint, "--out", out, "--quiet"], capsys)
     assert status == 1 and "No space left on device" in err
     assert out.read_text() == "[]\n"
@@ -724,7 +725,7 @@ def test_ctrl_c_while_writing_leaves_all_markups_or_none(tmp_path, smoke_checkpo
     marks = tmp_path / "marks"
     marks.mkdir()
     (marks / "v0.mrk.json").write_text("earlier answer\n")
-    write_temporary, written = igrpn.markups._write_temporary, []
+    write_temporary, written = igrpn.io._write_temporary, []
 
     def interrupted_on_the_third_file(target, data):
         written.append(target)
@@ -732,7 +733,7 @@ def test_ctrl_c_while_writing_leaves_all_markups_or_none(tmp_path, smoke_checkpo
             raise KeyboardInterrupt
         return write_temporary(target, data)
 
-    monkeypatch.setattr(igrpn.markups, "_write_temporary", interrupted_on_the_third_file)
+    monkeypatch.setattr(igrpn.io, "_write_temporary", interrupted_on_the_third_file)
     status, _, err = _run(["predict", *volumes, "--checkpoint", smoke_checkpoint, "--markups", marks, "--quiet"],
                           capsys)
     assert status == 130
@@ -744,7 +745,7 @@ def test_ctrl_c_while_writing_leaves_all_markups_or_none(tmp_path, smoke_checkpo
 def test_renames_hold_ctrl_c_until_every_file_is_in_place(tmp_path, monkeypatch):
     import signal
 
-    replace, renamed = igrpn.markups.os.replace, []
+    replace, renamed = igrpn.io.os.replace, []
 
     def replace_then_ctrl_c(source, target):
         replace(source, target)
@@ -752,9 +753,9 @@ def test_renames_hold_ctrl_c_until_every_file_is_in_place(tmp_path, monkeypatch)
         if len(renamed) == 1:
             signal.raise_signal(signal.SIGINT)  # arrives between the first and the second rename
 
-    monkeypatch.setattr(igrpn.markups.os, "replace", replace_then_ctrl_c)
+    monkeypatch.setattr(igrpn.io.os, "replace", replace_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        igrpn.markups.atomic_write_files({tmp_path / "a.txt": "a", tmp_path / "b.txt": b"b"})
+        igrpn.io.atomic_write_files({tmp_path / "a.txt": "a", tmp_path / "b.txt": b"b"})
     assert (tmp_path / "a.txt").read_text() == "a" and (tmp_path / "b.txt").read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
@@ -815,7 +816,7 @@ def test_outputs_get_the_mode_of_a_plain_write_and_keep_an_existing_one(tmp_path
                 capsys)[0] == 0
     assert _mode(manifest) == 0o644
     os.umask(0o077)
-    igrpn.train.atomic_torch_save({"x": 1}, tmp_path / "run" / "checkpoint.pt")
+    igrpn.io.atomic_torch_save({"x": 1}, tmp_path / "run" / "checkpoint.pt")
     assert _mode(tmp_path / "run" / "checkpoint.pt") == 0o600
 
 
