@@ -17,8 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from igrpn.checkpoint import load_checkpoint, model_from_checkpoint
 from igrpn.config import LANDMARKS, LEFT_RIGHT_PAIRS, Profile
-from igrpn.prior import face_handedness
+from igrpn.data import inside_volume, prepare_volume, resampled_grid, world_to_voxel
+from igrpn.model import pad_to_multiple
+from igrpn.prior import face_handedness, GraphPrior
 
 PREDICTION_COLUMNS = ("landmark", "class_id", "rank", "selected", "score", "x", "y", "z",
                       "i", "j", "k", "w", "h", "d")
@@ -46,7 +49,6 @@ def check_grid_size(shape, affine, spacing_mm: float, name: str = "volume") -> t
     Raises:
         ValueError: naming the volume, the grid's size and the limit.
     """
-    from igrpn.data import resampled_grid
 
     grid = resampled_grid(tuple(shape)[:3], affine, spacing_mm)[0]
     voxels = int(np.prod(grid, dtype=np.int64))
@@ -106,8 +108,6 @@ class Detector:
 
     def __init__(self, model, profile: Profile, prior=None, prior_lambda: float = 0.0,
                  handedness: int | None = None):
-        from igrpn.prior import GraphPrior
-
         self.model = model.eval()
         self.profile = profile
         self.prior = GraphPrior.load(prior) if isinstance(prior, (str, Path)) else prior
@@ -125,9 +125,8 @@ class Detector:
         """Build the model a checkpoint describes and load its weights (``weights_only=True``).
 
         Raises:
-            igrpn.train.CheckpointError naming the file and what is wrong with it.
+            igrpn.checkpoint.CheckpointError naming the file and what is wrong with it.
         """
-        from igrpn.train import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(path)
         model, profile = model_from_checkpoint(ckpt, path)
@@ -160,7 +159,6 @@ class Detector:
         Returns:
             One row per candidate (columns ``PREDICTION_COLUMNS``; ``i, j, k`` on this grid).
         """
-        from igrpn.model import pad_to_multiple
 
         start = time.perf_counter()
         tensor = pad_to_multiple(torch.as_tensor(volume, dtype=torch.float32)[None, None], 8)
@@ -228,7 +226,6 @@ class Detector:
             too small, a non-finite model output (naming the checkpoint too), or a landmark
             without any candidate inside the volume.
         """
-        from igrpn.data import inside_volume, prepare_volume, world_to_voxel
 
         volume, affine = np.asarray(volume), np.asarray(affine, dtype=np.float64)
         # A bad shape or affine is left to prepare_volume, which names the problem.

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from igrpn import config
+from igrpn.checkpoint import load_checkpoint
 from igrpn.config import LANDMARKS, Profile, get_profile
 from igrpn.io import atomic_write_files
 
@@ -310,7 +311,6 @@ def score_checkpoint(name: str, checkpoint: Path, manifest: Path, log_path: Path
     """Score a finished igrpn training (e.g. one of ``make reproduce``) on its own validation
     hold-out exactly as :func:`run_one` scores a budgeted run, and log the row; the budget is the
     time its optimiser steps took (its ``log.csv``)."""
-    from igrpn.train import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     profile = Profile.from_dict(ckpt["config"]["profile"])

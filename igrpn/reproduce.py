@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from igrpn.checkpoint import CheckpointError, load_checkpoint
 from igrpn.config import RUN_CONFIGS, RUN_SEED_OFFSETS, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,6 @@ def render_html(notebook_path: Path) -> Path:
 
 def finished_run(run_dir: Path, profile_name: str, method: str, iou_balance: bool, seed: int) -> bool:
     """True when ``run_dir`` holds a checkpoint of this configuration with every epoch done."""
-    from igrpn.train import CheckpointError, load_checkpoint
 
     try:
         ckpt = load_checkpoint(run_dir / "checkpoint.pt", method=method)
@@ -86,7 +86,6 @@ def finished_run(run_dir: Path, profile_name: str, method: str, iou_balance: boo
 def _holds_other_configuration(run_dir: Path, profile_name: str, method: str, iou_balance: bool,
                                seed: int) -> bool:
     """True when ``run_dir`` has a checkpoint that training would refuse to resume."""
-    from igrpn.train import CheckpointError, load_checkpoint
 
     path = run_dir / "checkpoint.pt"
     if not path.exists():

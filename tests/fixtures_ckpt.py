@@ -29,7 +29,7 @@ def make_checkpoint(path, method: str = "rpn", profile_name: str = "smoke", seed
     import igrpn
     from igrpn.config import get_profile
     from igrpn.model import build_model
-    from igrpn.train import CHECKPOINT_FORMAT
+    from igrpn.checkpoint import CHECKPOINT_FORMAT
     from igrpn.io import atomic_torch_save
 
     torch.manual_seed(seed)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from igrpn.checkpoint import CheckpointError
 from igrpn import distributed, train
 from igrpn.config import Profile, get_profile
 
@@ -210,6 +211,6 @@ def test_two_process_training_shards_data_resumes_and_writes_one_loadable_checkp
     assert detector.method == "rpn"
 
     # Resuming the 2-process run in one process is refused: the schedule would differ.
-    with pytest.raises(train.CheckpointError, match="differs in world_size"):
+    with pytest.raises(CheckpointError, match="differs in world_size"):
         train.train(dataclasses.replace(profile, epochs=epochs), method="rpn", seed=0, out_dir=tmp_path / "whole",
                     manifest=smoke_manifest, progress=False)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from igrpn.checkpoint import CheckpointError, load_checkpoint
 from igrpn import train
 from igrpn.config import get_profile
 
@@ -77,11 +78,11 @@ def test_interrupted_training_resumes_to_the_same_steps_and_weights(smoke_manife
 def test_a_checkpoint_of_another_configuration_is_not_resumed(smoke_manifest, profile, tmp_path):
     train.train(profile, method="rpn", seed=0, out_dir=tmp_path / "run", manifest=smoke_manifest,
                 progress=False, max_epochs=1)
-    with pytest.raises(train.CheckpointError, match="another configuration"):
+    with pytest.raises(CheckpointError, match="another configuration"):
         train.train(profile, method="rpn", iou_balance=False, seed=0, out_dir=tmp_path / "run",
                     manifest=smoke_manifest, progress=False)
-    with pytest.raises(train.CheckpointError, match="method 'rpn', not 'ssd'"):
-        train.load_checkpoint(tmp_path / "run" / "checkpoint.pt", method="ssd")
+    with pytest.raises(CheckpointError, match="method 'rpn', not 'ssd'"):
+        load_checkpoint(tmp_path / "run" / "checkpoint.pt", method="ssd")
 
 
 @pytest.mark.parametrize("method", ["ssd", "faster_rcnn", "heatmap"])
