@@ -22,7 +22,7 @@ machine; a row gives the median, min and max over the rounds. Rows (``what``):
   timing with a TRAINED IG-RPN checkpoint (default ``report/runs/rpn_ib/checkpoint.pt``, made by
   ``make reproduce``; skipped when absent) on test volumes of its data set, its graph prior when
   one lies beside it. The untrained rows see near-uniform scores, the worst case for the
-  post-processing's pruning (``igrpn.model.top_anchors_per_class``); this row is what a user's
+  post-processing's pruning (``igrpn.models.postprocess.top_anchors_per_class``); this row is what a user's
   detector costs.
 * ``<method>_train_step``: one optimiser step as ``igrpn.train`` makes it (forward, loss, backward,
   gradient clipping, AdamW) on a batch of 2 training crops (input ``2x48^3``) and of 2 whole
@@ -74,9 +74,9 @@ import torch
 from torch import nn
 
 from igrpn import distributed
-from igrpn import model as model_module
+from igrpn.models import fast_cpu
 from igrpn.config import LANDMARKS, METHODS, Profile, get_profile
-from igrpn.model import build_model
+from igrpn.models import build_model
 
 #: CSV columns, in order.
 COLUMNS = ("what", "input", "median_ms", "min_ms", "max_ms", "gflop", "gflops_per_s", "peak_mem_mb",
@@ -212,7 +212,7 @@ def count_forward_gflop_parts(module: nn.Module, call: Callable[[], object]) -> 
     handles = [m.register_forward_hook(conv_hook) for m in module.modules() if isinstance(m, nn.Conv3d)]
     handles += [m.register_forward_hook(linear_hook) for m in module.modules() if isinstance(m, nn.Linear)]
     try:
-        with torch.no_grad(), model_module.fast_inference(False):
+        with torch.no_grad(), fast_cpu.fast_inference(False):
             call()
     finally:
         for handle in handles:
@@ -327,14 +327,14 @@ def conv_peak_measurements(device: torch.device, edges=(32, 48), channels: int =
             measurements.append(Measurement(what, f"{edge}^3", run, gflop={what: gflop},
                                             note={what: f"F.conv3d {channels}->{channels} 3^3, batch 1"}))
         if device.type == "cpu":
-            folded = model_module._FoldedConv3d(conv, None)
+            folded = fast_cpu._FoldedConv3d(conv, None)
 
             def run_fused(folded=folded, tensor=x.contiguous(memory_format=torch.channels_last_3d)):
                 with torch.no_grad():
                     folded(tensor, relu=False)
             what = "conv3d_onednn_fused"
             note = ("oneDNN convolution on packed weights, channels-last (the op of igrpn's inference "
-                    "fast path)" if model_module._ONEDNN_FUSED_OK is not False else "oneDNN op unavailable: F.conv3d")
+                    "fast path)" if fast_cpu._ONEDNN_FUSED_OK is not False else "oneDNN op unavailable: F.conv3d")
             measurements.append(Measurement(what, f"{edge}^3", run_fused, gflop={what: gflop}, note={what: note}))
     return measurements
 

@@ -46,7 +46,7 @@ import torch
 from igrpn import distributed, train
 from igrpn.config import get_profile
 from igrpn.detect import Detector
-from igrpn.model import build_model
+from igrpn.models import build_model
 from igrpn.phantom import ensure_dataset
 from igrpn.reproduce import default_manifest
 

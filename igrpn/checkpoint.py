@@ -18,7 +18,7 @@ import torch
 
 from igrpn import config
 from igrpn.config import Profile
-from igrpn.model import build_model
+from igrpn.models import build_model
 
 
 #: Bumped whenever the checkpoint layout changes; older or newer files are refused.

@@ -20,7 +20,7 @@ import torch
 from igrpn.checkpoint import load_checkpoint, model_from_checkpoint
 from igrpn.config import LANDMARKS, LEFT_RIGHT_PAIRS, Profile
 from igrpn.data import inside_volume, prepare_volume, resampled_grid, world_to_voxel
-from igrpn.model import pad_to_multiple
+from igrpn.models.backbone import pad_to_multiple
 from igrpn.prior import face_handedness, GraphPrior
 
 PREDICTION_COLUMNS = ("landmark", "class_id", "rank", "selected", "score", "x", "y", "z",

@@ -368,7 +368,7 @@ def step_seconds(profiles: list[Profile], method: str, manifest: Path, rounds: i
         per profile, the mean seconds per step of each round.
     """
     from igrpn.data import LandmarkDataset, collate, load_cases, read_manifest
-    from igrpn.model import build_model
+    from igrpn.models import build_model
     from igrpn.train import make_optimizer, optimiser_step
 
     table = read_manifest(manifest)

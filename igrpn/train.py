@@ -28,10 +28,8 @@ import itertools
 import math
 import os
 import random
-import re
 import time
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +256,7 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
     from tqdm.auto import tqdm
 
     from igrpn.data import LandmarkDataset, collate, load_cases, read_manifest
-    from igrpn.model import build_model
+    from igrpn.models import build_model
 
     run_config = _run_config(profile, method, iou_balance, seed, manifest, context.world_size, max_steps_per_epoch,
                              max_seconds)
@@ -477,7 +475,7 @@ def anchor_coverage(cases, profile: Profile) -> "pandas.DataFrame":
     import pandas as pd
 
     from igrpn.boxes import box_iou, centre_to_corner, landmark_boxes, make_anchors
-    from igrpn.model import detection_stride
+    from igrpn.models.backbone import detection_stride
 
     stride = detection_stride(profile)
     box_vox = torch.tensor([profile.mm_to_vox(b) for b in profile.gt_box_mm], dtype=torch.float32)

@@ -28,7 +28,7 @@ def make_checkpoint(path, method: str = "rpn", profile_name: str = "smoke", seed
     """Save an untrained model of ``method`` as igrpn.train's checkpoint dict (format 1)."""
     import igrpn
     from igrpn.config import get_profile
-    from igrpn.model import build_model
+    from igrpn.models import build_model
     from igrpn.checkpoint import CHECKPOINT_FORMAT
     from igrpn.io import atomic_torch_save
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from igrpn.config import NUM_LANDMARKS, get_profile
-from igrpn.faster_rcnn import FasterRCNNModel, clip_to_volume, generate_proposals, roi_align_3d
-from igrpn.heatmap import HeatmapModel, balanced_mse, heatmap_targets, refine_argmax
-from igrpn.model import build_model
-from igrpn.ssd import SSDModel, hard_negative_mask
+from igrpn.models import build_model
+from igrpn.models.faster_rcnn import clip_to_volume, FasterRCNNModel, generate_proposals, roi_align_3d
+from igrpn.models.heatmap import balanced_mse, heatmap_targets, HeatmapModel, refine_argmax
+from igrpn.models.ssd import hard_negative_mask, SSDModel
 
 SMOKE = get_profile("smoke")
 # Landmarks of a face-like layout in a 32³ volume (voxels): eyes, brow, nose, chin.
@@ -402,7 +402,7 @@ def test_loss_and_backward_run_under_bf16_autocast(method):
 
 
 def test_max_filter_matches_max_pool_with_stride_one():
-    from igrpn.heatmap import _max_filter_3
+    from igrpn.models.heatmap import _max_filter_3
 
     maps = torch.rand(2, 9, 7, 5, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.max_pool3d(maps[:, None], 3, stride=1, padding=1)[:, 0]
@@ -437,7 +437,7 @@ def test_ssd_rejects_a_negative_sampler_it_does_not_have():
 
 
 def test_select_per_class_scores_a_mirror_pair_as_one_class():
-    from igrpn.ssd import select_per_class
+    from igrpn.models.ssd import select_per_class
 
     # Three places far apart; class-specific boxes differ only in their class index (in the size).
     centres = torch.tensor([[10.0, 10, 10], [40, 40, 40], [70, 70, 70]])

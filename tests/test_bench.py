@@ -21,8 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks import bench  # noqa: E402
 from igrpn.config import get_profile  # noqa: E402
-from igrpn.model import (ConvBNReLU, _conv_bn_relu, build_model, class_major_log_probs,  # noqa: E402
-                         fast_inference, top_anchors_per_class)
+from igrpn.models.backbone import conv_bn_relu, ConvBNReLU
+from igrpn.models import build_model
+from igrpn.models.postprocess import class_major_log_probs, top_anchors_per_class
+from igrpn.models.fast_cpu import fast_inference
 
 SMOKE = get_profile("smoke")
 
@@ -190,7 +192,7 @@ def test_top_anchors_per_class_equals_a_full_top_k():
 
 
 def test_class_major_head_is_the_pointwise_head_stored_class_major():
-    from igrpn.model import class_major_head, pointwise_head
+    from igrpn.models.rpn import class_major_head, pointwise_head
 
     torch.manual_seed(0)
     conv = nn.Conv3d(5, 8 * 6, kernel_size=1)  # 8 anchors, K + 1 = 6
@@ -291,7 +293,7 @@ def test_rpn_candidates_equal_nms_over_every_anchor():
 
 def test_fast_path_tracks_weight_changes_and_keeps_training_and_state_dict():
     torch.manual_seed(0)
-    stack = _randomise_batchnorm(ConvBNReLU(*_conv_bn_relu(2, 3), *_conv_bn_relu(3, 3))).eval()
+    stack = _randomise_batchnorm(ConvBNReLU(*conv_bn_relu(2, 3), *conv_bn_relu(3, 3))).eval()
     plain = nn.Sequential(*copy.deepcopy(list(stack))).eval()  # the same layers as a plain Sequential
     assert list(stack.state_dict()) == list(plain.state_dict())
     x = torch.randn(2, 2, 8, 8, 8)

@@ -61,7 +61,7 @@ def test_without_torchrun_the_context_is_a_group_of_one(no_torchrun_env):
 
 def test_sync_batchnorm_weights_load_into_a_plain_model():
     # What place_model does on several GPUs; the conversion itself needs no GPU.
-    from igrpn.model import build_model
+    from igrpn.models import build_model
 
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(build_model("rpn", "smoke"))
     assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
@@ -160,7 +160,7 @@ def test_collectives_over_two_gloo_processes(tmp_path):
 def test_two_process_training_shards_data_resumes_and_writes_one_loadable_checkpoint(smoke_manifest, tmp_path):
     from igrpn.data import read_manifest
     from igrpn.detect import Detector
-    from igrpn.model import build_model
+    from igrpn.models import build_model
 
     epochs = 6
     profile = get_profile("smoke")

@@ -8,7 +8,11 @@ import torch
 
 from igrpn import boxes as B
 from igrpn.config import get_profile
-from igrpn.model import Backbone, LandmarkModel, RPNModel, build_model, fast_inference, pad_to_multiple
+from igrpn.models import build_model
+from igrpn.models.backbone import Backbone, pad_to_multiple
+from igrpn.models.base import LandmarkModel
+from igrpn.models.fast_cpu import fast_inference
+from igrpn.models.rpn import RPNModel
 
 PROFILE = get_profile("smoke")  # 5.2 mm: GT cubes 3.5 / 6 voxels, anchors 3.25–7 voxels
 LANDMARKS_VOX = torch.tensor([[9.0, 12.0, 16.0], [16.0, 9.0, 16.0], [23.0, 12.0, 16.0],
@@ -188,7 +192,7 @@ def test_build_model_rejects_unknown_method():
 
 
 def test_half_resolution_profiles_keep_the_papers_feature_cell():
-    from igrpn.model import detection_stride
+    from igrpn.models.backbone import detection_stride
 
     # 5.2 mm cells: stride 4 at 1.3 mm (the paper), stride 2 at 2.6 mm (the cpu profile).
     assert detection_stride(get_profile("paper")) == 4

@@ -42,9 +42,11 @@ from torch.nn import functional as F
 from igrpn import boxes as box_ops
 from igrpn.config import Profile
 from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
-from igrpn.model import (Backbone, LandmarkModel, conv3d_relu, detection_stride, fast_path_applies, pad_to_multiple,
-                         pointwise_head, single_threaded)
-from igrpn.ssd import flatten_anchor_outputs, select_per_class
+from igrpn.models.backbone import Backbone, detection_stride, pad_to_multiple
+from igrpn.models.base import LandmarkModel
+from igrpn.models.fast_cpu import conv3d_relu, fast_path_applies, single_threaded
+from igrpn.models.rpn import pointwise_head
+from igrpn.models.ssd import flatten_anchor_outputs, select_per_class
 
 #: Proposals kept per volume before and after stage one's NMS, in training and at test time.
 PRE_NMS_TOP_N = {"train": 2000, "test": 1000}

@@ -32,8 +32,10 @@ from torch import Tensor, nn
 from igrpn import boxes as box_ops
 from igrpn.config import Profile
 from igrpn.losses import iou_balanced_cross_entropy, iou_balanced_focal_loss, smooth_l1
-from igrpn.model import (Backbone, LandmarkModel, detection_stride, fast_conv3d, pad_to_multiple, single_threaded,
-                         anchor_candidates)
+from igrpn.models.backbone import Backbone, detection_stride, pad_to_multiple
+from igrpn.models.base import LandmarkModel
+from igrpn.models.fast_cpu import fast_conv3d, single_threaded
+from igrpn.models.postprocess import anchor_candidates
 
 #: Negatives kept per positive by the hard negative miner (Liu et al., SSD).
 NEGATIVES_PER_POSITIVE = 3
@@ -180,7 +182,7 @@ class SSDModel(LandmarkModel):
             self.scales, self.cls_heads, self.reg_heads, self.anchors_per_scale
         ):
             feature = features[key]
-            # fast_conv3d: one oneDNN call on the inference fast path (igrpn.model), else cls_head(x).
+            # fast_conv3d: one oneDNN call on the inference fast path (igrpn.models.fast_cpu), else cls_head(x).
             cls_out = fast_conv3d(self, f"cls_{key}", cls_head, feature)
             reg_out = fast_conv3d(self, f"reg_{key}", reg_head, feature)
             logits.append(flatten_anchor_outputs(cls_out, per_cell, self.num_classes + 1))
@@ -251,7 +253,7 @@ class SSDModel(LandmarkModel):
     def candidates(self, outputs: dict[str, Tensor], top_k: int | None = None) -> list[list[tuple[Tensor, Tensor]]]:
         """Per volume and landmark, up to ``top_k`` boxes (``None``: ``profile.top_k``): softmax over
         K+1, decode, greedy NMS at ``profile.nms_iou`` over all anchors of each class (as the RPN,
-        :func:`igrpn.model.anchor_candidates`).
+        :func:`igrpn.models.postprocess.anchor_candidates`).
 
         Returns ``[volume][landmark] = (boxes (n, 6) centre form voxels, scores (n,))``."""
         top_k = self.profile.top_k if top_k is None else int(top_k)
@@ -259,7 +261,7 @@ class SSDModel(LandmarkModel):
         results = []
         for volume_logits, volume_deltas in zip(outputs["cls_logits"], outputs["deltas"]):
             # The best anchors of each class without a softmax and a top-k over all of them, as the
-            # RPN (igrpn.model.top_anchors_per_class; each cell's anchors form a group); only
+            # RPN (igrpn.models.postprocess.top_anchors_per_class; each cell's anchors form a group); only
             # they are decoded. Ranking on log p is ranking on p.
             results.append(anchor_candidates(volume_logits, volume_deltas, anchors, self.nms_prefix,
                                              math.gcd(*self.anchors_per_scale), self.profile.nms_iou, top_k,

@@ -25,7 +25,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from igrpn.config import NUM_LANDMARKS, Profile
-from igrpn.model import Backbone, ConvBNReLU, LandmarkModel, _conv_bn_relu, pad_to_multiple, single_threaded
+from igrpn.models.backbone import Backbone, conv_bn_relu, ConvBNReLU, pad_to_multiple
+from igrpn.models.base import LandmarkModel
+from igrpn.models.fast_cpu import single_threaded
 
 
 def cell_centres_vox(size: int, stride: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -166,10 +168,10 @@ class HeatmapModel(LandmarkModel):
         self.sigma_vox = profile.heatmap_sigma_mm / profile.spacing_mm
         self.backbone = Backbone(profile.width)
         w = profile.width
-        self.stage4 = ConvBNReLU(*_conv_bn_relu(4 * w, 4 * w))
-        self.stage2 = ConvBNReLU(*_conv_bn_relu(4 * w + 2 * w, 2 * w), *_conv_bn_relu(2 * w, 2 * w))
+        self.stage4 = ConvBNReLU(*conv_bn_relu(4 * w, 4 * w))
+        self.stage2 = ConvBNReLU(*conv_bn_relu(4 * w + 2 * w, 2 * w), *conv_bn_relu(2 * w, 2 * w))
         if self.output_stride == 1:
-            self.stage1 = ConvBNReLU(*_conv_bn_relu(2 * w + w, w), *_conv_bn_relu(w, w))
+            self.stage1 = ConvBNReLU(*conv_bn_relu(2 * w + w, w), *conv_bn_relu(w, w))
         self.out = nn.Conv3d(2 * w if self.output_stride == 2 else w, NUM_LANDMARKS, kernel_size=1)
         # Small initial outputs: the first predictions are near-flat, not noise.
         nn.init.normal_(self.out.weight, std=0.001)
