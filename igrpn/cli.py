@@ -343,7 +343,7 @@ def _predict_all(detector, paths: list[Path], failures: list, markups_dir, quiet
     """
     from tqdm.auto import tqdm
 
-    from igrpn.markups import markups_path_for
+    from igrpn.data.markups import markups_path_for
 
     results, markups = [], {}
     for path in tqdm(paths, desc="igrpn predict", unit="volume", disable=True if quiet else None):
@@ -490,7 +490,7 @@ def output_format(path: Path) -> str:
 
 def check_markups_names(paths: list[Path], directory) -> None:
     """Refuse two volumes whose markups files would be the same (same name, other folders)."""
-    from igrpn.markups import markups_path_for
+    from igrpn.data.markups import markups_path_for
 
     targets: dict[Path, Path] = {}
     for path in paths:
@@ -523,7 +523,7 @@ def prepare_markups_dir(directory) -> tuple[Path, bool]:
 
 def selected_markups_text(path: Path, rows) -> str:
     """The selected landmarks of one volume's rows as a Slicer point list (LPS) for ``path``."""
-    from igrpn.markups import markups_text
+    from igrpn.data.markups import markups_text
 
     selected = selected_rows(rows)
     return markups_text(path, list(selected["landmark"]), selected[["x", "y", "z"]].to_numpy())
@@ -642,7 +642,7 @@ def cmd_markups_to_manifest(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from igrpn.data import REQUIRED_COLUMNS
-    from igrpn.markups import manifest_row_from_markups, markups_path_for, volume_stem
+    from igrpn.data.markups import manifest_row_from_markups, markups_path_for, volume_stem
 
     out = Path(args.out)
     check_writable(out)

@@ -23,7 +23,7 @@ from igrpn.cli import main
 from igrpn.config import LANDMARKS
 from igrpn.data import LANDMARK_COLUMNS, read_manifest
 from igrpn.detect import PREDICTION_COLUMNS
-from igrpn.markups import read_markups, write_markups
+from igrpn.data.markups import read_markups, write_markups
 
 OBLIQUE = np.array([
     [0.0, -3.0, 0.0, 40.0],

@@ -11,15 +11,8 @@ from fixtures_ckpt import FACE_MM, random_volume, write_nifti
 
 from igrpn.config import LANDMARKS
 from igrpn.data import LANDMARK_COLUMNS, load_case, read_manifest
-from igrpn.markups import (
-    SCHEMA_URL,
-    MarkupsError,
-    manifest_row_from_markups,
-    markups_path_for,
-    read_markups,
-    volume_stem,
-    write_markups,
-)
+from igrpn.data.markups import (manifest_row_from_markups, markups_path_for, MarkupsError, read_markups, SCHEMA_URL,
+                                volume_stem, write_markups)
 
 
 def _write_json(path, document):

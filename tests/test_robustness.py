@@ -14,7 +14,7 @@ from fixtures_ckpt import FACE_MM, prior_file, random_volume, smoke_checkpoint, 
 
 import igrpn.cli
 import igrpn.io
-import igrpn.markups
+import igrpn.data.markups
 import igrpn.reproduce
 import igrpn.train
 from igrpn import detect
@@ -623,7 +623,7 @@ def test_a_volume_given_twice_is_predicted_once_and_said_so(tmp_path, smoke_chec
 
 
 def test_markups_to_manifest_refuses_two_images_with_one_name(tmp_path, capsys):
-    from igrpn.markups import write_markups
+    from igrpn.data.markups import write_markups
 
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
@@ -645,7 +645,7 @@ def test_markups_to_manifest_refuses_two_images_with_one_name(tmp_path, capsys):
     ("complex", "complex-valued voxels"),
 ])
 def test_markups_to_manifest_refuses_an_image_that_is_not_a_3d_nifti(kind, message, tmp_path, capsys):
-    from igrpn.markups import write_markups
+    from igrpn.data.markups import write_markups
 
     if kind == "text":
         image = tmp_path / "scan.nii.gz"
@@ -656,7 +656,7 @@ def test_markups_to_manifest_refuses_an_image_that_is_not_a_3d_nifti(kind, messa
         image = _complex_volume(tmp_path)
     marks = tmp_path / "marks"
     marks.mkdir()
-    write_markups(marks / f"{igrpn.markups.volume_stem(image)}.mrk.json", LANDMARKS, FACE_MM)
+    write_markups(marks / f"{igrpn.data.markups.volume_stem(image)}.mrk.json", LANDMARKS, FACE_MM)
     before = _listing(tmp_path)
     status, _, err = _run(["markups-to-manifest", image, "--markups-dir", marks, "--split", "train",
                            "--out", tmp_path / "m.csv"], capsys)
