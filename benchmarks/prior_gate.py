@@ -26,7 +26,7 @@ from igrpn.data import load_cases, read_manifest
 from igrpn.detect import Detector, select_answers
 from igrpn.experiment import score_answers, validation_prior
 from igrpn.prior import GraphPrior, landmarks_from_manifest
-from igrpn.report import answers, ground_truth
+from igrpn.evaluation.answers import answers, ground_truth
 from igrpn.train import split_train_val
 
 

@@ -608,7 +608,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate the trained runs of a report folder and print Table 1 and Table 2."""
     from igrpn.config import RUN_CONFIGS, get_profile
-    from igrpn.report import evaluate_runs, table_markdown, write_tables
+    from igrpn.evaluation.runs import evaluate_runs
+    from igrpn.evaluation.tables import table_markdown, write_tables
 
     report_dir = Path(args.report_dir)
     found = [run for run in RUN_CONFIGS if (report_dir / "runs" / run / "checkpoint.pt").is_file()]

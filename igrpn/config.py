@@ -29,6 +29,8 @@ GT_BOX_MM: tuple[float, ...] = tuple(
 ANCHOR_SIZES_MM: tuple[float, ...] = tuple(round(n * PAPER_SPACING_MM, 4) for n in (13, 16, 20, 28))
 
 METHODS: tuple[str, ...] = ("rpn", "ssd", "faster_rcnn", "heatmap")
+#: The peer no one here wrote: MONAI's 3D RetinaNet (igrpn.training.peer), trained by the same runner.
+PEER_METHOD = "monai_retinanet"
 #: Values of ``Profile.classification_anchors`` and ``Profile.optimizer``.
 CLASSIFICATION_ANCHORS: tuple[str, ...] = ("sampled", "all", "hard_pool", "near_face")
 #: Values of ``Profile.backbone_norm``.

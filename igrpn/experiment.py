@@ -38,7 +38,7 @@ import torch
 
 from igrpn import config
 from igrpn.checkpoint import load_checkpoint
-from igrpn.config import LANDMARKS, Profile, get_profile
+from igrpn.config import LANDMARKS, PEER_METHOD, Profile, get_profile
 from igrpn.io import atomic_write_files
 
 #: Columns of ``docs/experiments.csv``; distances in mm, hit50 and eye counts as given.
@@ -47,7 +47,6 @@ LOG_COLUMNS = (
     "val_cases", "val_d_mean", *(f"val_{name}" for name in LANDMARKS), "val_d_median", "val_hit50",
     "val_eyes_found", "val_prior_d_mean", "val_prior_hit50", "val_prior_eyes_found", "note",
 )
-PEER_METHOD = "monai_retinanet"
 DEFAULT_LOG = Path("docs/experiments.csv")
 
 
@@ -84,7 +83,7 @@ def change_text(overrides: dict) -> str:
 
 def score_answers(chosen: pd.DataFrame, gt: pd.DataFrame) -> dict:
     """The validation columns of a log row from selected answers and their ground truth."""
-    from igrpn.metrics import evaluate, eye_pair, per_landmark
+    from igrpn.evaluation.metrics import evaluate, eye_pair, per_landmark
 
     result = evaluate(chosen, gt)
     landmarks = per_landmark(chosen, gt).set_index("landmark")["d_mean"]
@@ -99,7 +98,7 @@ def validation_answers(checkpoint: Path, cases, prior=None) -> tuple[pd.DataFram
     """Selected answers of a trained igrpn model on ``cases``: without the prior, and with
     ``prior`` (a fitted ``GraphPrior``) as ``make reproduce`` applies it (``None`` without one)."""
     from igrpn.detect import Detector, predict_cases
-    from igrpn.report import answers
+    from igrpn.evaluation.answers import answers
 
     plain, with_prior, _ = predict_cases(Detector.from_checkpoint(checkpoint), cases, prior=prior, progress=False)
     return answers(plain), (answers(with_prior) if with_prior is not None else None)
@@ -207,7 +206,7 @@ def _log_run(name: str, overrides: dict, method: str, iou_balance: bool, seed: i
     and with the graph prior fitted on the run's training volumes (``None`` where not applied).
     """
     from igrpn.data import load_cases, read_manifest
-    from igrpn.report import ground_truth
+    from igrpn.evaluation.answers import ground_truth
     from igrpn.train import split_train_val
 
     table = read_manifest(manifest)

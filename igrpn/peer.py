@@ -37,10 +37,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from igrpn.config import LANDMARKS, LEFT_RIGHT_PAIRS, NUM_LANDMARKS, Profile
+from igrpn.config import LANDMARKS, LEFT_RIGHT_PAIRS, NUM_LANDMARKS, PEER_METHOD, Profile
 
 #: ``method`` of a peer checkpoint (igrpn.experiment's ``--method``).
-METHOD = "monai_retinanet"
+METHOD = PEER_METHOD
 CHECKPOINT_NAME = "peer.pt"
 LOG_NAME = "log.csv"
 LOG_FIELDS = ("step", "epoch", "lr", "loss", "loss_cls", "loss_box", "seconds")
@@ -603,7 +603,7 @@ ANSWER_COLUMNS = ("case_id", "landmark", "class_id", "rank", "selected", "score"
 
 
 def validation_answers(result: dict, cases) -> pd.DataFrame:
-    """The trained peer's selected answers on ``cases``, as ``igrpn.report.answers`` gives igrpn's.
+    """The trained peer's selected answers on ``cases``, as ``igrpn.evaluation.answers.answers`` gives igrpn's.
 
     Args:
         result: :func:`train_peer`'s return (its ``"checkpoint"`` is read).
@@ -612,7 +612,7 @@ def validation_answers(result: dict, cases) -> pd.DataFrame:
     Returns:
         One row per case and landmark: ``ANSWER_COLUMNS`` (world mm, centre form).
     """
-    from igrpn.report import answers
+    from igrpn.evaluation.answers import answers
 
     detector, profile, ckpt = load_peer(result["checkpoint"])
     frames = []

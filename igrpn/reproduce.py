@@ -127,7 +127,7 @@ def peer_run_plan(profile_name: str, out_dir: Path, seed: int, force: bool):
     """The peer's profile, budget (the seconds ``rpn_ib``'s epochs took, from its log), checkpoint
     path, and whether a finished checkpoint of them is reused."""
     from igrpn import peer
-    from igrpn.report import PEER_RUN, training_seconds
+    from igrpn.evaluation.report import PEER_RUN, training_seconds
 
     budget_s = training_seconds(out_dir, f"02_train {PEER_BUDGET_RUN}")
     profile = peer_profile(profile_name)
@@ -147,7 +147,8 @@ def train_and_score_peer(profile, budget_s: float, checkpoint: Path, reuse: bool
 
     from igrpn import peer
     from igrpn.data import load_cases, read_manifest
-    from igrpn.report import PEER_COMPARED, answers, ground_truth, peer_test_markdown, peer_test_table
+    from igrpn.evaluation.report import PEER_COMPARED, peer_test_markdown, peer_test_table
+    from igrpn.evaluation.answers import answers, ground_truth
 
     if not reuse:
         shutil.rmtree(checkpoint.parent, ignore_errors=True)
@@ -181,7 +182,7 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
     (:func:`igrpn.viewer.save_viewer_screenshot`; needs Chromium, Playwright and Voilà).
     """
     from igrpn.phantom import command_manifest
-    from igrpn.report import write_report
+    from igrpn.evaluation.report import write_report
 
     profile = get_profile(profile_name)
     out_dir = Path(out_dir).resolve()
@@ -249,9 +250,9 @@ def _peer_step(profile_name: str, out_dir: Path, manifest: Path, seed: int, forc
                wanted: bool, timed) -> None:
     """The peer's timed step, or ``tables/peer_test.md`` saying why there is none (never a stale table)."""
     from igrpn import peer
-    from igrpn.report import PEER_RUN
+    from igrpn.evaluation.report import PEER_RUN
 
-    from igrpn.report import training_seconds
+    from igrpn.evaluation.report import training_seconds
 
     for stale in ("peer_test.csv", "peer_test.md"):
         (out_dir / "tables" / stale).unlink(missing_ok=True)

@@ -166,12 +166,12 @@ def _same_run(a: dict, b: dict) -> bool:
 def validate(model, cases, profile: Profile, handedness: int | None = None) -> dict:
     """Mean landmark distance (mm) and hit rate at IoU 0.5 of the answers without the prior on
     ``cases``, selected as :class:`igrpn.detect.Detector` selects them and scored as the report's
-    tables are (:func:`igrpn.metrics.evaluate`)."""
+    tables are (:func:`igrpn.evaluation.metrics.evaluate`)."""
     import pandas as pd
 
     from igrpn.detect import Detector
-    from igrpn.metrics import evaluate
-    from igrpn.report import answers, ground_truth
+    from igrpn.evaluation.metrics import evaluate
+    from igrpn.evaluation.answers import answers, ground_truth
 
     detector = Detector(model, profile, handedness=handedness)  # puts the model in eval mode
     rows = []

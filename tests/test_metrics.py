@@ -7,16 +7,8 @@ import pandas as pd
 import pytest
 
 from igrpn.config import GT_BOX_MM, LANDMARKS
-from igrpn.metrics import (
-    _contributions,
-    _metrics,
-    bootstrap_ci,
-    box_iou_mm,
-    centre_to_corner_mm,
-    evaluate,
-    paired_bootstrap,
-    per_landmark,
-)
+from igrpn.evaluation.metrics import (_contributions, _metrics, bootstrap_ci, box_iou_mm, centre_to_corner_mm, evaluate,
+                                      paired_bootstrap, per_landmark)
 
 METRIC_KEYS = ["d_mean", "ap", "ap35", "ap50", "ap75", "hit35", "hit50", "hit75", "miou"]
 
@@ -224,7 +216,7 @@ def test_input_errors_name_the_problem():
 
 
 def test_confusion_counts_swapped_eyes_and_far_misses():
-    from igrpn.metrics import confusion
+    from igrpn.evaluation.metrics import confusion
 
     gt = pd.DataFrame([
         {"case_id": "a", "landmark": "left_eye", "x": 0.0, "y": 0.0, "z": 0.0, "w": 18.2, "h": 18.2, "d": 18.2},
@@ -243,7 +235,7 @@ def test_confusion_counts_swapped_eyes_and_far_misses():
 
 
 def test_eye_pair_tells_a_swap_from_a_miss():
-    from igrpn.metrics import eye_pair
+    from igrpn.evaluation.metrics import eye_pair
 
     def rows(case, left, right):
         return [{"case_id": case, "landmark": name, "score": 1.0, "x": p[0], "y": p[1], "z": p[2],

@@ -4,11 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from igrpn import report
+from igrpn.evaluation import report, tables
+from igrpn.evaluation.answers import mean_position_answers
 
 
 def test_paper_tables_are_the_typed_in_data():
-    paper = report.paper_tables()
+    paper = tables.paper_tables()
     ig_rpn = paper[(paper["table"] == 1) & (paper["method"] == "IG-RPN")].iloc[0]
     assert ig_rpn["d_mean"] == pytest.approx(4.38) and ig_rpn["ap50"] == pytest.approx(82.50)
     assert len(paper[paper["table"] == 2]) == 8
@@ -20,16 +21,16 @@ def test_table_puts_percentages_and_paper_numbers_beside_ours():
         "ap50": 0.8, "ap75": 0.2, "miou": 0.6, "d_mean": 4.0, "time_ms": 100.0, "hit35": 0.95,
         "hit50": 0.85, "hit75": 0.25, "d_mean_lo": 3.5, "d_mean_hi": 4.5, "ap50_lo": 0.7, "ap50_hi": 0.9,
     }])
-    table = report.build_table(results, report.TABLE1_ROWS, 1)
+    table = tables.build_table(results, tables.TABLE1_ROWS, 1)
     row = table[table["method"] == "IG-RPN"].iloc[0]
     assert row["status"] == "ok" and row["ap50"] == pytest.approx(80.0) and row["d_mean"] == 4.0
     assert row["paper_ap50"] == pytest.approx(82.50) and row["paper_time_ms"] == 515
-    others = table[~table["method"].isin(["IG-RPN", report.REFERENCE_LABEL])]
+    others = table[~table["method"].isin(["IG-RPN", tables.REFERENCE_LABEL])]
     assert (others["status"] == "not trained").all()
     assert table.iloc[-1]["status"] == "no training split"  # no reference row in these results
-    markdown = report.table_markdown(table)
+    markdown = tables.table_markdown(table)
     assert "80.00 [70.00, 90.00] (82.50)" in markdown and "not trained (4.74)" in markdown
-    table2 = report.build_table(results, report.TABLE2_ROWS, 2)
+    table2 = tables.build_table(results, tables.TABLE2_ROWS, 2)
     rpn_rows = table2[table2["method"] == "RPN"]
     assert list(rpn_rows["paper_d_mean"]) == [4.77, 4.43, 4.52, 4.38]
 
@@ -37,7 +38,7 @@ def test_table_puts_percentages_and_paper_numbers_beside_ours():
 @pytest.mark.parametrize("lo, hi, expected", [(-2.0, -0.5, "holds"), (-1.0, 1.0, "not shown"),
                                               (0.2, 1.5, "contradicted")])
 def test_claim_verdicts_follow_the_interval(lo, hi, expected):
-    assert report.verdict(lo, hi) == expected
+    assert tables.verdict(lo, hi) == expected
 
 
 def test_claims_table_reads_paired_bootstraps():
@@ -46,7 +47,7 @@ def test_claims_table_reads_paired_bootstraps():
     near = gt.assign(score=0.9, x=1.0)
     far = gt.assign(score=0.9, x=np.linspace(5, 9, 10))
     evaluation = {"gt": gt, "predictions": {("rpn_ib", False): far, ("rpn_ib", True): near}}
-    claims = report.claims_table(evaluation, n_boot=200)
+    claims = tables.claims_table(evaluation, n_boot=200)
     prior_claim = claims[claims["claim"] == "RPN: the prior helps"].iloc[0]
     assert prior_claim["verdict"] == "holds" and prior_claim["d_mean_diff"] == pytest.approx(-6.0)
     assert (claims.loc[claims["claim"] != "RPN: the prior helps", "status"] == "not trained").all()
@@ -58,19 +59,19 @@ def test_ranking_compares_our_order_with_the_papers():
         {"method": "B", "status": "ok", "d_mean": 4.0, "paper_d_mean": 4.0},
         {"method": "C", "status": "not trained", "d_mean": np.nan, "paper_d_mean": 1.0},
     ])
-    text = report.ranking_markdown(table)
+    text = tables.ranking_markdown(table)
     assert "here: A < B; the paper: B < A" in text and "The orders differ" in text
 
 
 def test_mean_position_answers_every_case_at_the_training_mean():
     train = np.zeros((2, 5, 3))
     train[1] += np.arange(15).reshape(5, 3)  # the mean is half of this
-    answers = report.mean_position_answers(train, ["a", "b"])
+    answers = mean_position_answers(train, ["a", "b"])
     assert len(answers) == 10 and answers["selected"].all()
     chin = answers[(answers["case_id"] == "b") & (answers["landmark"] == "chin")].iloc[0]
     assert (chin["x"], chin["y"], chin["z"]) == (6.0, 6.5, 7.0) and chin["w"] == pytest.approx(31.2)
     with pytest.raises(ValueError, match=r"\(N, 5, 3\)"):
-        report.mean_position_answers(np.zeros((0, 5, 3)), ["a"])
+        mean_position_answers(np.zeros((0, 5, 3)), ["a"])
 
 
 def test_reference_table_says_whether_a_method_beats_ignoring_the_image():
@@ -79,19 +80,19 @@ def test_reference_table_says_whether_a_method_beats_ignoring_the_image():
     reference = gt.assign(score=1.0, x=10.0)  # the mean position: 0 or 10 mm off
     good = gt.assign(score=0.9, x=gt["x"] + 1.0)  # 1 mm off everywhere
     bad = gt.assign(score=0.9, x=gt["x"] + 25.0)
-    evaluation = {"gt": gt, "predictions": {(report.REFERENCE_RUN, False): reference,
+    evaluation = {"gt": gt, "predictions": {(tables.REFERENCE_RUN, False): reference,
                                             ("rpn_ib", False): good, ("ssd_ib", True): bad}}
-    frame = report.reference_table(evaluation, n_boot=200).set_index("run")
+    frame = tables.reference_table(evaluation, n_boot=200).set_index("run")
     assert frame.loc["rpn_ib", "verdict"] == "better" and frame.loc["ssd_ib", "verdict"] == "worse"
     assert frame.loc["rpn_ib", "d_mean_diff"] == pytest.approx(1.0 - 20.0 / 3)
-    assert "ssd_ib + prior" in report.reference_markdown(frame.reset_index())
+    assert "ssd_ib + prior" in tables.reference_markdown(frame.reset_index())
 
 
 def test_per_landmark_markdown_gives_mean_and_median_per_configuration():
     frame = pd.DataFrame([{"config": "rpn_ib", "landmark": "chin", "d_mean": 30.04, "d_median": 28.0},
                           {"config": "rpn_ib", "landmark": "left_eye", "d_mean": 2.0, "d_median": 1.0},
                           {"config": "mean_position", "landmark": "chin", "d_mean": 31.0, "d_median": 29.0}])
-    text = report.per_landmark_markdown(frame)
+    text = tables.per_landmark_markdown(frame)
     assert "| configuration | left_eye | chin |" in text
     assert "| rpn_ib | 2.0 (1.0) | 30.0 (28.0) |" in text and "| mean_position | – | 31.0 (29.0) |" in text
 
@@ -107,7 +108,7 @@ def test_training_seconds_come_from_the_runs_log(tmp_path):
 
 
 def test_seed_spread_gives_each_seed_and_their_difference():
-    from igrpn.report import seed_spread_markdown
+    from igrpn.evaluation.report import seed_spread_markdown
 
     results = pd.DataFrame([
         {"run": "rpn_ib", "prior": False, "d_mean": 10.0, "hit50": 0.5},
@@ -121,7 +122,7 @@ def test_seed_spread_gives_each_seed_and_their_difference():
 
 
 def test_peer_section_lists_the_runs_at_the_peers_budget():
-    from igrpn.report import peer_markdown
+    from igrpn.evaluation.report import peer_markdown
 
     rows = pd.DataFrame([
         {"budget_s": 480.0, "name": "peer", "method": "monai_retinanet", "val_d_mean": 12.0, "val_hit50": 0.3},
@@ -141,7 +142,7 @@ def test_peer_section_lists_the_runs_at_the_peers_budget():
 
 
 def test_targets_read_the_tables_and_say_which_are_met(tmp_path):
-    from igrpn.report import targets_markdown
+    from igrpn.evaluation.report import targets_markdown
 
     (tmp_path / "tables").mkdir()
     pd.DataFrame([{"run": "rpn_ib", "prior": False, "found": 29}, {"run": "rpn_ib", "prior": True, "found": 3}]
@@ -198,7 +199,7 @@ def test_the_peer_target_reads_the_paired_test_comparison(tmp_path):
 
 def test_the_wall_time_is_judged_against_the_cpu_budget():
     from igrpn.config import get_profile
-    from igrpn.report import _budget_sentence
+    from igrpn.evaluation.report import _budget_sentence
 
     cpu = get_profile("cpu")
     assert "70.5 min: over the 60 minutes aimed at, within the 120 allowed" in _budget_sentence(cpu, 70.5 * 60)

@@ -909,7 +909,7 @@ def test_a_volume_whose_contrast_resampling_averages_away_says_so():
 
 def test_evaluate_without_manifest_uses_the_profiles_data_set(tmp_path, smoke_checkpoint, capsys, monkeypatch):
     import igrpn.phantom
-    import igrpn.report
+    import igrpn.evaluation.runs
 
     report = tmp_path / "report"
     (report / "runs" / "rpn_ib").mkdir(parents=True)
@@ -921,7 +921,7 @@ def test_evaluate_without_manifest_uses_the_profiles_data_set(tmp_path, smoke_ch
     def stop(profile, manifest, *args, **kwargs):
         raise ValueError(f"evaluated {manifest}")
 
-    monkeypatch.setattr(igrpn.report, "evaluate_runs", stop)
+    monkeypatch.setattr(igrpn.evaluation.runs, "evaluate_runs", stop)
     status, _, err = _run(["evaluate", "--profile", "smoke", "--report-dir", report, "--quiet"], capsys)
     expected = igrpn.reproduce.default_manifest("smoke")
     assert asked == [(expected, "smoke")]
