@@ -73,7 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from igrpn import distributed
+from igrpn.training import distributed
 from igrpn.models import fast_cpu
 from igrpn.config import LANDMARKS, METHODS, Profile, get_profile
 from igrpn.models import build_model
@@ -503,7 +503,7 @@ def build_monai_retinanet(profile: Profile, num_classes: int = len(LANDMARKS)):
     Returns the detector (eval mode) and a note on how it was built ("" when exactly as MONAI)."""
     from monai.networks.nets import resnet
 
-    from igrpn.peer import assemble_retinanet, fpn_feature_extractor
+    from igrpn.training.peer import assemble_retinanet, fpn_feature_extractor
 
     returned_layers = [1, 2]
     stem_stride = [2, 2, 2]

@@ -24,10 +24,10 @@ import pandas as pd
 from igrpn.config import LANDMARKS
 from igrpn.data import load_cases, read_manifest
 from igrpn.detect import Detector, select_answers
-from igrpn.experiment import score_answers, validation_prior
+from igrpn.training.experiment import score_answers, validation_prior
 from igrpn.prior import GraphPrior, landmarks_from_manifest
 from igrpn.evaluation.answers import answers, ground_truth
-from igrpn.train import split_train_val
+from igrpn.training.loop import split_train_val
 
 
 class GatedPrior(GraphPrior):

@@ -95,7 +95,7 @@ example:
 
 #: Commands that are the ``python -m igrpn.<module>`` entry points: (module, help, example).
 DELEGATED = {
-    "train": ("igrpn.train", "train one detector (IG-RPN or a baseline)",
+    "train": ("igrpn.training.loop", "train one detector (IG-RPN or a baseline)",
               "igrpn train --profile cpu --method rpn --seed 0 --out report/runs/rpn_ib"),
     "reproduce": ("igrpn.reproduce", "regenerate the data, trainings, tables, figures and REPORT.md",
                   "igrpn reproduce --profile cpu --out report"),

@@ -124,7 +124,7 @@ class Profile:
     #: on a true eye, below look-alikes elsewhere. False: the paper's two independent classes.
     merge_mirror_pairs: bool = True
     #: Train forward and loss under bf16 autocast where the device computes bf16 natively (CUDA
-    #: Ampere+, CPUs with AMX; igrpn.distributed.mixed_precision); fp32 elsewhere.
+    #: Ampere+, CPUs with AMX; igrpn.training.distributed.mixed_precision); fp32 elsewhere.
     #: Weights, optimiser and inference stay fp32.
     mixed_precision: bool = True
     # Synthetic data set generated when missing (phantom grid and spacing, number of volumes).

@@ -101,7 +101,7 @@ def _holds_other_configuration(run_dir: Path, profile_name: str, method: str, io
 
 #: The peer's detection cell in ``make reproduce``, in voxels of the profile's grid: stride 4, the
 #: tutorial's layout (10.4 mm at the cpu profile's 2.6 mm, as the runner's logged peer runs); a
-#: stride-2 peer step costs ~10× (igrpn.peer.backbone_layout).
+#: stride-2 peer step costs ~10× (igrpn.training.peer.backbone_layout).
 PEER_STRIDE_VOX = 4
 #: The run whose training minutes the peer gets.
 PEER_BUDGET_RUN = "rpn_ib"
@@ -116,7 +116,7 @@ def peer_profile(profile_name: str):
 
 
 def finished_peer(ckpt: dict, profile, seed: int, budget_s: float) -> bool:
-    """True when a peer checkpoint's dict (:func:`igrpn.peer.read_peer_checkpoint`) holds a training
+    """True when a peer checkpoint's dict (:func:`igrpn.training.peer.read_peer_checkpoint`) holds a training
     of this profile and seed for this budget. The budget is compared exactly: it is read again
     from the same ``log.csv`` whenever ``rpn_ib`` is reused, and the peer overshoots it by a step."""
     return (ckpt.get("profile") == profile.to_dict() and ckpt.get("seed") == seed
@@ -126,7 +126,7 @@ def finished_peer(ckpt: dict, profile, seed: int, budget_s: float) -> bool:
 def peer_run_plan(profile_name: str, out_dir: Path, seed: int, force: bool):
     """The peer's profile, budget (the seconds ``rpn_ib``'s epochs took, from its log), checkpoint
     path, and whether a finished checkpoint of them is reused."""
-    from igrpn import peer
+    from igrpn.training import peer
     from igrpn.evaluation.report import PEER_RUN, training_seconds
 
     budget_s = training_seconds(out_dir, f"02_train {PEER_BUDGET_RUN}")
@@ -145,7 +145,7 @@ def train_and_score_peer(profile, budget_s: float, checkpoint: Path, reuse: bool
     the RPN and IG-RPN: ``tables/peer_test.csv|md``. Needs ``03_evaluate``'s predictions of ``rpn_ib``."""
     import pandas as pd
 
-    from igrpn import peer
+    from igrpn.training import peer
     from igrpn.data import load_cases, read_manifest
     from igrpn.evaluation.report import PEER_COMPARED, peer_test_markdown, peer_test_table
     from igrpn.evaluation.answers import answers, ground_truth
@@ -249,7 +249,7 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
 def _peer_step(profile_name: str, out_dir: Path, manifest: Path, seed: int, force: bool, progress: bool,
                wanted: bool, timed) -> None:
     """The peer's timed step, or ``tables/peer_test.md`` saying why there is none (never a stale table)."""
-    from igrpn import peer
+    from igrpn.training import peer
     from igrpn.evaluation.report import PEER_RUN
 
     from igrpn.evaluation.report import training_seconds

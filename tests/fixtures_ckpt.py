@@ -1,5 +1,5 @@
 """Shared helpers for the CLI, robustness and markups tests: a tiny untrained checkpoint in the
-format ``igrpn.train`` writes, NIfTI writers, and a fitted graph prior.
+format ``igrpn.training.loop`` writes, NIfTI writers, and a fitted graph prior.
 
 Import the fixtures into a test module (``from fixtures_ckpt import smoke_checkpoint``); untrained
 weights are enough for tests that check shapes, files and messages.
@@ -25,7 +25,7 @@ FACE_MM = np.array([
 
 
 def make_checkpoint(path, method: str = "rpn", profile_name: str = "smoke", seed: int = 0) -> Path:
-    """Save an untrained model of ``method`` as igrpn.train's checkpoint dict (format 1)."""
+    """Save an untrained model of ``method`` as the training loop's checkpoint dict (format 1)."""
     import igrpn
     from igrpn.config import get_profile
     from igrpn.models import build_model

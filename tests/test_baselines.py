@@ -384,7 +384,7 @@ def test_a_few_steps_reduce_the_loss_and_candidates_cover_five_landmarks(method)
 
 @pytest.mark.parametrize("method", ["rpn", "ssd", "faster_rcnn", "heatmap"])
 def test_loss_and_backward_run_under_bf16_autocast(method):
-    # What training does on a GPU or a CPU with native bf16 (igrpn.distributed.autocast); forced
+    # What training does on a GPU or a CPU with native bf16 (igrpn.training.distributed.autocast); forced
     # here, emulated where the CPU lacks it. Every loss must come out fp32 and finite, and every
     # trained weight must get a gradient.
     torch.manual_seed(0)

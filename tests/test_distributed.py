@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from igrpn.checkpoint import CheckpointError
-from igrpn import distributed, train
+from igrpn.training import distributed, loop as train
 from igrpn.config import Profile, get_profile
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -131,7 +131,7 @@ def test_collectives_over_two_gloo_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(f"""
         import json, torch
-        from igrpn import distributed
+        from igrpn.training import distributed
         context = distributed.init_distributed("cpu")
         rank = context.rank
         result = {{

@@ -5,7 +5,7 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from igrpn import experiment
+from igrpn.training import experiment
 from igrpn.config import get_profile
 
 
@@ -75,7 +75,7 @@ def test_one_budgeted_run_appends_one_row_scored_on_validation(smoke_manifest, t
     assert table["val_prior_d_mean"].notna().all() and table["val_prior_eyes_found"].str.endswith("/2").all()
     assert (table["steps"] >= 1).all() and table["val_d_mean"].notna().all()
     # the validation cases are the run's own hold-out, never the test split
-    from igrpn import train
+    from igrpn.training import loop as train
     from igrpn.data import read_manifest
 
     manifest = read_manifest(smoke_manifest)

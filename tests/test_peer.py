@@ -1,4 +1,4 @@
-"""The MONAI peer (igrpn.peer): coordinates, answer selection, and a short training on smoke data."""
+"""The MONAI peer (igrpn.training.peer): coordinates, answer selection, and a short training on smoke data."""
 
 import importlib.util
 import subprocess
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from igrpn import peer
+from igrpn.training import peer
 from igrpn.config import LANDMARKS, get_profile
 from igrpn.prior import face_handedness
 
@@ -118,7 +118,7 @@ def test_candidate_rows_want_one_list_per_peer_class():
 
 
 def test_package_imports_without_monai_and_asks_for_the_extra(monkeypatch):
-    code = "import sys, igrpn.peer; assert 'monai' not in sys.modules and 'torchvision' not in sys.modules"
+    code = "import sys, igrpn.training.peer; assert 'monai' not in sys.modules and 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     monkeypatch.setitem(sys.modules, "monai.apps.detection.networks.retinanet_detector", None)
     with pytest.raises(RuntimeError, match=r'pip install -e "\.\[bench\]" "torch==2\.13\.0"'):

@@ -59,7 +59,7 @@ def test_smoke_reproduction_end_to_end(smoke_manifest, tmp_path):
         assert (out / "figures" / "viewer.png").exists() and "figures/viewer.png" in text
 
     # MONAI's peer, trained for rpn_ib's seconds where MONAI is installed; the report says why not elsewhere
-    from igrpn.peer import unavailable_reason
+    from igrpn.training.peer import unavailable_reason
 
     assert "## Against a peer" in text
     if unavailable_reason() is None:
@@ -87,7 +87,7 @@ def test_a_failing_notebook_stops_with_its_name_and_error(tmp_path):
 
 
 def test_the_peer_step_says_why_it_did_not_run_and_leaves_no_stale_table(tmp_path, monkeypatch):
-    from igrpn import peer
+    from igrpn.training import peer
 
     tables = tmp_path / "tables"
     tables.mkdir()

@@ -16,7 +16,7 @@ import igrpn.cli
 import igrpn.io
 import igrpn.data.markups
 import igrpn.reproduce
-import igrpn.train
+import igrpn.training.loop
 from igrpn import detect
 from igrpn.cli import main
 from igrpn.config import LANDMARKS
@@ -847,7 +847,7 @@ def test_train_without_manifest_generates_the_profiles_data_set(tmp_path, capsys
     import dataclasses
 
     import igrpn.reproduce
-    import igrpn.train
+    import igrpn.training.loop
     from igrpn import config
 
     tiny = dataclasses.replace(config.PROFILES["smoke"], phantom_n=2, phantom_n_test=1, phantom_grid=24,
@@ -860,7 +860,7 @@ def test_train_without_manifest_generates_the_profiles_data_set(tmp_path, capsys
         trained.update(kwargs)
         return Path(kwargs["out_dir"]) / "checkpoint.pt"
 
-    monkeypatch.setattr(igrpn.train, "train", record)
+    monkeypatch.setattr(igrpn.training.loop, "train", record)
     status, out, err = _run(["train", "--profile", "smoke", "--out", tmp_path / "run"], capsys)
     assert status == 0, err
     manifest = tmp_path / tiny.manifest

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from igrpn.checkpoint import CheckpointError, load_checkpoint
-from igrpn import train
+from igrpn.training import loop as train
 from igrpn.config import get_profile
 
 

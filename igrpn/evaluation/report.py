@@ -267,7 +267,7 @@ def training_seconds(out_dir: Path, step: str) -> float:
     return float(frame.loc[frame["kind"] == "epoch", "seconds"].sum())
 
 
-#: The experiment runner's table (igrpn.experiment), read for the report's "Against a peer".
+#: The experiment runner's table (igrpn.training.experiment), read for the report's "Against a peer".
 EXPERIMENTS_CSV = Path(__file__).resolve().parents[2] / "docs" / "experiments.csv"
 
 
@@ -373,7 +373,7 @@ def peer_section(tables: Path, experiments: pd.DataFrame) -> list[str]:
     if not test and not validation:
         return []
     parts = ["## Against a peer", "",
-             "MONAI's 3D RetinaNet (ResNet-FPN, ATSS matcher, hard-negative sampler; `igrpn.peer`), trained on "
+             "MONAI's 3D RetinaNet (ResNet-FPN, ATSS matcher, hard-negative sampler; `igrpn.training.peer`), trained on "
              "the same training volumes with the same augmentation, for the same wall-clock minutes as the RPN, "
              "and scored the same way.", ""]
     if test:

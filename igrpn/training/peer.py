@@ -38,8 +38,14 @@ import pandas as pd
 import torch
 
 from igrpn.config import LANDMARKS, LEFT_RIGHT_PAIRS, NUM_LANDMARKS, PEER_METHOD, Profile
+from igrpn.data import collate, LandmarkDataset, load_cases, read_manifest
+from igrpn.detect import Detector, PREDICTION_COLUMNS, select_answers
+from igrpn.evaluation.answers import answers
+from igrpn.io import atomic_torch_save
+from igrpn.prior import fit_handedness
+from igrpn.training.loop import learning_rate_at, seed_everything, split_train_val
 
-#: ``method`` of a peer checkpoint (igrpn.experiment's ``--method``).
+#: ``method`` of a peer checkpoint (the experiment runner's ``--method``).
 METHOD = PEER_METHOD
 CHECKPOINT_NAME = "peer.pt"
 LOG_NAME = "log.csv"
@@ -360,10 +366,9 @@ def build_detector(profile: Profile):
 
 
 def _handedness(train_cases) -> int:
-    """The eye-naming sign of the training annotations, as igrpn.train measures it."""
+    """The eye-naming sign of the training annotations, as igrpn.training.loop measures it."""
     import warnings
 
-    from igrpn.prior import fit_handedness
 
     handedness, agreement = fit_handedness(np.stack([case.landmarks_mm for case in train_cases]))
     if agreement < 0.95:
@@ -373,9 +378,7 @@ def _handedness(train_cases) -> int:
 
 
 def _train_cases(manifest: Path, profile: Profile, seed: int, progress: bool):
-    """The manifest's train split minus the validation hold-out of igrpn.train, as Cases."""
-    from igrpn.data import load_cases, read_manifest
-    from igrpn.train import split_train_val
+    """The manifest's train split minus the validation hold-out of igrpn.training.loop, as Cases."""
 
     table = read_manifest(manifest)
     train_table = table[table["split"] == "train"]
@@ -410,9 +413,9 @@ def train_peer(profile: Profile, seed: int, out_dir: Path, manifest: Path, budge
                progress: bool = True) -> dict:
     """Train the peer on the manifest's train split (minus igrpn's hold-out) for ``budget_s`` s.
 
-    The clock is igrpn.train's: the loop time of each step including the loading (and
+    The clock is the training loop's: the loop time of each step including the loading (and
     augmentation) of its batch; the run stops at the first step that starts with the budget spent.
-    Learning rate: :func:`igrpn.train.learning_rate_at` of the fraction spent (5 % warm-up, then
+    Learning rate: :func:`igrpn.training.loop.learning_rate_at` of the fraction spent (5 % warm-up, then
     cosine) at base 0.01.
 
     Args:
@@ -428,9 +431,6 @@ def train_peer(profile: Profile, seed: int, out_dir: Path, manifest: Path, budge
     """
     from tqdm.auto import tqdm
 
-    from igrpn.data import LandmarkDataset, collate
-    from igrpn.io import atomic_torch_save
-    from igrpn.train import learning_rate_at, seed_everything
 
     if not budget_s > 0:
         raise ValueError(f"train_peer: budget_s must be > 0 seconds, got {budget_s}")
@@ -569,7 +569,6 @@ def candidate_rows(per_class, affine: np.ndarray, spacing_mm: float) -> pd.DataF
         affine: (4, 4) voxel → world mm of the grid.
         spacing_mm: the grid's isotropic spacing (box sizes voxels → mm).
     """
-    from igrpn.detect import PREDICTION_COLUMNS
 
     if len(per_class) != len(PEER_CLASSES):
         raise ValueError(f"candidate_rows: expected {len(PEER_CLASSES)} classes {PEER_CLASSES}, got {len(per_class)}")
@@ -592,7 +591,6 @@ def select_peer_answers(rows: pd.DataFrame, profile: Profile, handedness: int | 
     """igrpn's answer selection (no prior) on the peer's candidate rows: the top box per landmark,
     the eyes as two places at least half an eye box apart named left/right by ``handedness``
     (:meth:`igrpn.detect.Detector.pairing`, :func:`igrpn.detect.select_answers`)."""
-    from igrpn.detect import Detector, select_answers
 
     pairing = Detector(torch.nn.Identity(), profile, handedness=handedness).pairing()
     pairing["pair_eyes"] = True  # the peer always pools the eyes, whatever the profile's switch
@@ -612,7 +610,6 @@ def validation_answers(result: dict, cases) -> pd.DataFrame:
     Returns:
         One row per case and landmark: ``ANSWER_COLUMNS`` (world mm, centre form).
     """
-    from igrpn.evaluation.answers import answers
 
     detector, profile, ckpt = load_peer(result["checkpoint"])
     frames = []
