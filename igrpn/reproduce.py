@@ -179,7 +179,7 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
     where MONAI is installed and ``rpn_ib`` is trained; otherwise the report says why it is missing.
 
     ``screenshot``: photograph the slice viewer on a test volume into ``figures/viewer.png``
-    (:func:`igrpn.viewer.save_viewer_screenshot`; needs Chromium, Playwright and Voilà).
+    (:func:`igrpn.viz.browser.save_viewer_screenshot`; needs Chromium, Playwright and Voilà).
     """
     from igrpn.phantom import command_manifest
     from igrpn.evaluation.report import write_report
@@ -237,7 +237,7 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
                                                    common, progress))
     _peer_step(profile_name, out_dir, manifest, seed, force, progress, peer, timed)
     if screenshot:
-        from igrpn.viewer import save_viewer_screenshot
+        from igrpn.viz.browser import save_viewer_screenshot
 
         # The slice viewer as a reader would see it (skipped with the reason where no browser is installed).
         timed("viewer screenshot", lambda: save_viewer_screenshot(

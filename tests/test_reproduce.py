@@ -51,7 +51,7 @@ def test_smoke_reproduction_end_to_end(smoke_manifest, tmp_path):
     assert (out / "runs" / "graph_prior.json").exists()
     steps = json.loads((out / "steps.json").read_text())
     assert not any(step["reused"] for step in steps)
-    from igrpn.viewer import browser_missing
+    from igrpn.viz.browser import browser_missing
 
     # the slice viewer photographed where a browser is installed (CI installs Chromium)
     assert "viewer screenshot" in [step["step"] for step in steps]

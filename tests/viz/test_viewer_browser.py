@@ -2,7 +2,7 @@
 
 Serves a parameterised copy of ``notebooks/viewer.ipynb`` (a one-volume synthetic data set and a
 predictions CSV fabricated from its ground truth — only for this test) through the library's own
-path (``igrpn.viewer.serve_voila`` / ``chromium_page``), and drives it as a user would: a slider
+path (``igrpn.viz.browser.serve_voila`` / ``chromium_page``), and drives it as a user would: a slider
 moved with the keyboard, a click at a known pixel of one plane, the mouse wheel and the arrow
 keys over a plane, the window / level controls and their reset, a click on a row of the
 candidate table; and ``save_viewer_screenshot`` writes a picture of the page. One test runs the
@@ -19,15 +19,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image as mpimg
+import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
-from igrpn import viewer as viewer_module
+from igrpn import config, data, viz
+from igrpn.viz import browser
 
 pytestmark = pytest.mark.browser
 
-if viewer_module.browser_missing():
-    pytest.skip(viewer_module.browser_missing(), allow_module_level=True)
+if browser.browser_missing():
+    pytest.skip(browser.browser_missing(), allow_module_level=True)
 
 PROFILE = "smoke"
 SHAPE = (36, 40, 32)  # not a cube, so the three panels differ in width
@@ -45,11 +49,6 @@ def _write_inputs(folder):
     Returns:
         (the notebook's path, the ``Case`` it shows, the predictions, the parameters).
     """
-    import nibabel as nib
-    import pandas as pd
-
-    from igrpn import config, data
-
     spacing = config.get_profile(PROFILE).spacing_mm
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = [-90.0, -100.0, -80.0]
@@ -79,7 +78,7 @@ def _write_inputs(folder):
     predictions.to_csv(folder / "report" / "predictions" / "rpn_ib_prior.csv", index=False)
     parameters = {"profile": PROFILE, "manifest": str(folder / "manifest.csv"),
                   "report_dir": str(folder / "report"), "method": "rpn_ib", "split": "test", "case_index": 0}
-    return viewer_module.viewer_notebook(folder, **parameters), case, predictions, parameters
+    return browser.viewer_notebook(folder, **parameters), case, predictions, parameters
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def served(tmp_path_factory):
     """
     folder = tmp_path_factory.mktemp("viewer")
     notebook, case, predictions, parameters = _write_inputs(folder)
-    with viewer_module.serve_voila(notebook) as url:
+    with browser.serve_voila(notebook) as url:
         yield url, case, predictions, parameters
 
 
@@ -99,14 +98,12 @@ def served(tmp_path_factory):
 def page(served):
     """A fresh browser page on the served viewer, its image drawn; yields (page, image, served)."""
     url = served[0]
-    with viewer_module.chromium_page(url) as page:
-        image = viewer_module.open_viewer_page(page, url)
+    with browser.chromium_page(url) as page:
+        image = browser.open_viewer_page(page, url)
         yield page, image, served
 
 
 def _screenshot(locator) -> np.ndarray:
-    import matplotlib.image as mpimg
-
     return np.rint(mpimg.imread(io.BytesIO(locator.screenshot()), format="png")[..., :3] * 255).astype(int)
 
 
@@ -114,9 +111,9 @@ def _pixels(image: np.ndarray, colour, tolerance: int = 40) -> int:
     return int((np.abs(image - np.asarray(colour)) <= tolerance).all(axis=-1).sum())
 
 
-def _layout(case) -> viewer_module.PanelLayout:
+def _layout(case) -> viz.PanelLayout:
     """Where the planes lie in the image at the viewer's default zoom (display_size 320)."""
-    return viewer_module.PanelLayout(case.volume.shape, max(1, 320 // max(case.volume.shape)))
+    return viz.PanelLayout(case.volume.shape, max(1, 320 // max(case.volume.shape)))
 
 
 def _slider_values(page) -> tuple[int, int, int]:
@@ -139,8 +136,6 @@ def _wait_for_redraw(page, image, old_source: str, timeout_ms: int = 60_000) -> 
 
 
 def test_slider_redraws_the_planes_in_the_browser(page):
-    from igrpn import viz
-
     page, image, (_, case, _, _) = page
     before = _screenshot(image)
     source = image.get_attribute("src")
@@ -239,8 +234,8 @@ def test_window_level_changes_the_intensities_and_resets(page):
 def test_candidate_row_moves_the_planes_to_its_centre(page):
     page, image, (_, case, predictions, _) = page
     # the table as the served notebook builds it (predictions re-expressed on the case's grid)
-    table = viewer_module.SliceViewer.from_case(case, predictions=predictions).candidates
-    spacing = float(viewer_module.voxel_spacing(case.affine).mean())
+    table = viz.SliceViewer.from_case(case, predictions=predictions).candidates
+    spacing = float(viz.voxel_spacing(case.affine).mean())
     # the nose tip's second candidate: 6 voxels from its ground truth along j
     n = table.index[(table["landmark"] == "nose_tip") & (table["kind"] == "candidate")][0]
     centre = tuple(int(v) for v in np.rint(table.loc[n, ["i", "j", "k"]].to_numpy(float)))
@@ -256,12 +251,8 @@ def test_candidate_row_moves_the_planes_to_its_centre(page):
 
 
 def test_save_viewer_screenshot_writes_the_page(served, tmp_path):
-    import matplotlib.image as mpimg
-
-    from igrpn import viz
-
     _, case, _, parameters = served
-    path = viewer_module.save_viewer_screenshot(
+    path = browser.save_viewer_screenshot(
         tmp_path / "figures" / "viewer.png", profile=parameters["profile"], manifest=parameters["manifest"],
         report_dir=parameters["report_dir"], method=parameters["method"])
     assert path == tmp_path / "figures" / "viewer.png" and path.exists()
@@ -275,7 +266,7 @@ def test_save_viewer_screenshot_writes_the_page(served, tmp_path):
 @contextlib.contextmanager
 def _serve_jupyterlab(folder: Path):
     """JupyterLab on a free port over ``folder`` (no token; the app exposed as window.jupyterapp)."""
-    port = viewer_module._free_port()
+    port = browser.free_port()
     log_path = folder / "lab.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -288,7 +279,7 @@ def _serve_jupyterlab(folder: Path):
                  "JUPYTER_CONFIG_DIR": str(folder / "config")})
         url = f"http://127.0.0.1:{port}"
         try:
-            viewer_module._wait_for_server(url, process, log_path, 60)
+            browser.wait_for_server(url, process, log_path, 60)
             yield url
         finally:
             os.killpg(process.pid, signal.SIGTERM)  # the server and its kernel
@@ -301,7 +292,7 @@ def _serve_jupyterlab(folder: Path):
 
 def test_the_viewer_works_in_jupyterlab_too(tmp_path):
     notebook, case, _, _ = _write_inputs(tmp_path)
-    with _serve_jupyterlab(tmp_path) as url, viewer_module.chromium_page(url) as page:
+    with _serve_jupyterlab(tmp_path) as url, browser.chromium_page(url) as page:
         page.goto(f"{url}/lab/tree/{notebook.name}", timeout=60_000)
         # the kernel is up (status bar "Idle"), then run every cell as a user would
         page.wait_for_function("""() => window.jupyterapp && [...document.querySelectorAll('.jp-StatusBar-TextItem')]
