@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib
 import json
 import os
 import sys
@@ -22,8 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from igrpn.config import PROFILES
+from igrpn import phantom as phantom_module
+from igrpn import reproduce
+from igrpn.training import loop as training_loop
+from igrpn.config import get_profile, PROFILES, RUN_CONFIGS
+from igrpn.data import CaseError, open_nifti, REQUIRED_COLUMNS
+from igrpn.data.markups import manifest_row_from_markups, markups_path_for, markups_text, volume_stem
+from igrpn.detect import check_grid_size, Detector, MAX_GRID_VOXELS
+from igrpn.evaluation.runs import evaluate_runs
+from igrpn.evaluation.tables import table_markdown, write_tables
 from igrpn.io import atomic_write_files, atomic_write_text, check_writable
+from igrpn.phantom import check_manifest_path, command_manifest, generate_dataset
 
 #: Suffixes ``igrpn predict --out`` understands, and the format each selects.
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
@@ -95,9 +103,9 @@ example:
 
 #: Commands that are the ``python -m igrpn.<module>`` entry points: (module, help, example).
 DELEGATED = {
-    "train": ("igrpn.training.loop", "train one detector (IG-RPN or a baseline)",
+    "train": (training_loop, "igrpn.train", "train one detector (IG-RPN or a baseline)",
               "igrpn train --profile cpu --method rpn --seed 0 --out report/runs/rpn_ib"),
-    "reproduce": ("igrpn.reproduce", "regenerate the data, trainings, tables, figures and REPORT.md",
+    "reproduce": (reproduce, "igrpn.reproduce", "regenerate the data, trainings, tables, figures and REPORT.md",
                   "igrpn reproduce --profile cpu --out report"),
 }
 
@@ -108,7 +116,6 @@ DELEGATED = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``igrpn`` parser with every sub-command (delegated ones listed for ``--help`` only)."""
-    from igrpn.detect import MAX_GRID_VOXELS
 
     parser = argparse.ArgumentParser(
         prog="igrpn", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -173,24 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write N phantom volumes OUT/<case_id>.nii.gz and their manifest "
                     "(the options of python -m igrpn.phantom).",
         epilog=PHANTOM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from igrpn import phantom as phantom_module  # its options, not repeated here
 
     phantom_module.add_arguments(phantom)
     phantom.set_defaults(handler=cmd_phantom)
 
-    for name, (module, summary, _example) in DELEGATED.items():
-        commands.add_parser(name, help=f"{summary} (options of python -m {module}; see igrpn {name} --help)",
+    for name, (_module, entry_point, summary, _example) in DELEGATED.items():
+        commands.add_parser(name, help=f"{summary} (options of python -m {entry_point}; see igrpn {name} --help)",
                             add_help=False)
     return parser
 
 
 def delegated_parser(name: str) -> argparse.ArgumentParser:
     """``python -m igrpn.<name>``'s own parser, named ``igrpn <name>`` and with our example."""
-    module_name, summary, example = DELEGATED[name]
-    parser = importlib.import_module(module_name).build_parser()
+    module, entry_point, _summary, example = DELEGATED[name]
+    parser = module.build_parser()
     parser.prog = f"igrpn {name}"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (f"Same options as python -m {module_name}.\n\nexample:\n  {example}\n\n"
+    parser.epilog = (f"Same options as python -m {entry_point}.\n\nexample:\n  {example}\n\n"
                      "exit status: 0 done, 1 failed (the reason on stderr), 2 usage error")
     return parser
 
@@ -261,13 +267,8 @@ def _exit_code(stop: SystemExit) -> int:
 
 def _run_delegated(name: str, argv: list[str]) -> int:
     """``igrpn train|reproduce``: parse with the module's parser, then run its ``main``."""
-    module_name = DELEGATED[name][0]
-    try:
-        module = importlib.import_module(module_name)
-        parser = delegated_parser(name)
-    except (ImportError, AttributeError) as error:
-        print(f"igrpn {name}: error: {module_name} is not available ({error})", file=sys.stderr)
-        return 1
+    module = DELEGATED[name][0]
+    parser = delegated_parser(name)
     try:
         parser.parse_args(argv)  # --help and usage errors under the name "igrpn <name>"
     except SystemExit as stop:
@@ -294,7 +295,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     written together, all or none (``markups.atomic_write_files``), so Ctrl-C or a failure leaves
     the files as they were.
     """
-    from igrpn.detect import Detector
 
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -343,7 +343,6 @@ def _predict_all(detector, paths: list[Path], failures: list, markups_dir, quiet
     """
     from tqdm.auto import tqdm
 
-    from igrpn.data.markups import markups_path_for
 
     results, markups = [], {}
     for path in tqdm(paths, desc="igrpn predict", unit="volume", disable=True if quiet else None):
@@ -432,8 +431,6 @@ def read_volume(path, spacing_mm: float) -> tuple[np.ndarray, np.ndarray, list[s
         complex or colour voxels, not a single 3D volume, more than ``MAX_SOURCE_VOXELS`` voxels,
         or a resampled grid above ``igrpn.detect.MAX_GRID_VOXELS``.
     """
-    from igrpn.data import CaseError, open_nifti
-    from igrpn.detect import check_grid_size
 
     name = str(path)
     image, notes = open_nifti(path, name)
@@ -490,7 +487,6 @@ def output_format(path: Path) -> str:
 
 def check_markups_names(paths: list[Path], directory) -> None:
     """Refuse two volumes whose markups files would be the same (same name, other folders)."""
-    from igrpn.data.markups import markups_path_for
 
     targets: dict[Path, Path] = {}
     for path in paths:
@@ -523,7 +519,6 @@ def prepare_markups_dir(directory) -> tuple[Path, bool]:
 
 def selected_markups_text(path: Path, rows) -> str:
     """The selected landmarks of one volume's rows as a Slicer point list (LPS) for ``path``."""
-    from igrpn.data.markups import markups_text
 
     selected = selected_rows(rows)
     return markups_text(path, list(selected["landmark"]), selected[["x", "y", "z"]].to_numpy())
@@ -592,7 +587,6 @@ def format_landmarks(results: list) -> str:
 
 def cmd_phantom(args: argparse.Namespace) -> int:
     """Generate the phantom data set; prints the manifest's path."""
-    from igrpn.phantom import check_manifest_path, generate_dataset
 
     check_manifest_path(args.out, args.manifest)
     path = generate_dataset(args.out, n=args.n, seed=args.seed, n_test=args.n_test, grid=args.grid,
@@ -607,9 +601,6 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate the trained runs of a report folder and print Table 1 and Table 2."""
-    from igrpn.config import RUN_CONFIGS, get_profile
-    from igrpn.evaluation.runs import evaluate_runs
-    from igrpn.evaluation.tables import table_markdown, write_tables
 
     report_dir = Path(args.report_dir)
     found = [run for run in RUN_CONFIGS if (report_dir / "runs" / run / "checkpoint.pt").is_file()]
@@ -621,7 +612,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{prior}: graph prior file not found")
     if prior is None and (report_dir / "runs" / "graph_prior.json").is_file():
         prior = report_dir / "runs" / "graph_prior.json"
-    from igrpn.phantom import command_manifest
 
     manifest = command_manifest(args.profile, args.manifest, progress=not args.quiet)
     evaluation = evaluate_runs(get_profile(args.profile), manifest, report_dir, prior_path=prior,
@@ -642,8 +632,6 @@ def cmd_markups_to_manifest(args: argparse.Namespace) -> int:
     volume is a 3D NIfTI file with a unique name and all five landmarks."""
     import pandas as pd
 
-    from igrpn.data import REQUIRED_COLUMNS
-    from igrpn.data.markups import manifest_row_from_markups, markups_path_for, volume_stem
 
     out = Path(args.out)
     check_writable(out)
@@ -674,7 +662,6 @@ def cmd_markups_to_manifest(args: argparse.Namespace) -> int:
 def check_manifest_image(image: Path) -> None:
     """Refuse an image a manifest cannot use: not a NIfTI file, not one 3D volume, complex or
     colour voxels (from the header; the voxels are not read)."""
-    from igrpn.data import CaseError, open_nifti
 
     header_image, _ = open_nifti(image, str(image))
     shape = tuple(header_image.shape)

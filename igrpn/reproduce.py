@@ -20,6 +20,13 @@ from pathlib import Path
 
 from igrpn.checkpoint import CheckpointError, load_checkpoint
 from igrpn.config import RUN_CONFIGS, RUN_SEED_OFFSETS, get_profile
+from igrpn.data import load_cases, read_manifest
+from igrpn.evaluation.answers import answers, ground_truth
+from igrpn.evaluation.report import (PEER_COMPARED, PEER_RUN, peer_test_markdown, peer_test_table, training_seconds,
+                                     write_report)
+from igrpn.phantom import command_manifest, default_manifest
+from igrpn.training import peer
+from igrpn.viz.browser import save_viewer_screenshot
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -27,11 +34,6 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 
 class ReproduceError(RuntimeError):
     """A step of the reproduction failed; the message names the notebook and the failing cell."""
-
-
-def default_manifest(profile_name: str) -> Path:
-    """The profile's data set: the committed manifest for `cpu` and `paper`, build/ for `smoke`."""
-    return REPO_ROOT / get_profile(profile_name).manifest
 
 
 def run_notebook(name: str | Path, output: Path, parameters: dict, progress: bool = True) -> None:
@@ -126,8 +128,6 @@ def finished_peer(ckpt: dict, profile, seed: int, budget_s: float) -> bool:
 def peer_run_plan(profile_name: str, out_dir: Path, seed: int, force: bool):
     """The peer's profile, budget (the seconds ``rpn_ib``'s epochs took, from its log), checkpoint
     path, and whether a finished checkpoint of them is reused."""
-    from igrpn.training import peer
-    from igrpn.evaluation.report import PEER_RUN, training_seconds
 
     budget_s = training_seconds(out_dir, f"02_train {PEER_BUDGET_RUN}")
     profile = peer_profile(profile_name)
@@ -145,10 +145,6 @@ def train_and_score_peer(profile, budget_s: float, checkpoint: Path, reuse: bool
     the RPN and IG-RPN: ``tables/peer_test.csv|md``. Needs ``03_evaluate``'s predictions of ``rpn_ib``."""
     import pandas as pd
 
-    from igrpn.training import peer
-    from igrpn.data import load_cases, read_manifest
-    from igrpn.evaluation.report import PEER_COMPARED, peer_test_markdown, peer_test_table
-    from igrpn.evaluation.answers import answers, ground_truth
 
     if not reuse:
         shutil.rmtree(checkpoint.parent, ignore_errors=True)
@@ -181,8 +177,6 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
     ``screenshot``: photograph the slice viewer on a test volume into ``figures/viewer.png``
     (:func:`igrpn.viz.browser.save_viewer_screenshot`; needs Chromium, Playwright and Voilà).
     """
-    from igrpn.phantom import command_manifest
-    from igrpn.evaluation.report import write_report
 
     profile = get_profile(profile_name)
     out_dir = Path(out_dir).resolve()
@@ -237,8 +231,6 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
                                                    common, progress))
     _peer_step(profile_name, out_dir, manifest, seed, force, progress, peer, timed)
     if screenshot:
-        from igrpn.viz.browser import save_viewer_screenshot
-
         # The slice viewer as a reader would see it (skipped with the reason where no browser is installed).
         timed("viewer screenshot", lambda: save_viewer_screenshot(
             out_dir / "figures" / "viewer.png", profile=profile_name, manifest=manifest, report_dir=out_dir))
@@ -249,10 +241,7 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
 def _peer_step(profile_name: str, out_dir: Path, manifest: Path, seed: int, force: bool, progress: bool,
                wanted: bool, timed) -> None:
     """The peer's timed step, or ``tables/peer_test.md`` saying why there is none (never a stale table)."""
-    from igrpn.training import peer
-    from igrpn.evaluation.report import PEER_RUN
 
-    from igrpn.evaluation.report import training_seconds
 
     for stale in ("peer_test.csv", "peer_test.md"):
         (out_dir / "tables" / stale).unlink(missing_ok=True)

@@ -846,14 +846,14 @@ def test_phantom_files_get_the_mode_of_a_plain_write(tmp_path, capsys, umask_022
 def test_train_without_manifest_generates_the_profiles_data_set(tmp_path, capsys, monkeypatch):
     import dataclasses
 
-    import igrpn.reproduce
+    import igrpn.phantom.dataset
     import igrpn.training.loop
     from igrpn import config
 
     tiny = dataclasses.replace(config.PROFILES["smoke"], phantom_n=2, phantom_n_test=1, phantom_grid=24,
                                phantom_spacing_mm=4.0)
     monkeypatch.setitem(config.PROFILES, "smoke", tiny)
-    monkeypatch.setattr(igrpn.reproduce, "REPO_ROOT", tmp_path)  # a fresh clone without data
+    monkeypatch.setattr(igrpn.phantom.dataset, "REPO_ROOT", tmp_path)  # a fresh clone without data
     trained = {}
 
     def record(profile, **kwargs):
@@ -908,20 +908,19 @@ def test_a_volume_whose_contrast_resampling_averages_away_says_so():
 
 
 def test_evaluate_without_manifest_uses_the_profiles_data_set(tmp_path, smoke_checkpoint, capsys, monkeypatch):
-    import igrpn.phantom
-    import igrpn.evaluation.runs
+    import igrpn.phantom.dataset
 
     report = tmp_path / "report"
     (report / "runs" / "rpn_ib").mkdir(parents=True)
     (report / "runs" / "rpn_ib" / "checkpoint.pt").write_bytes(smoke_checkpoint.read_bytes())
     asked = []
-    monkeypatch.setattr(igrpn.phantom, "ensure_dataset", lambda manifest, profile, progress: asked.append(
+    monkeypatch.setattr(igrpn.phantom.dataset, "ensure_dataset", lambda manifest, profile, progress: asked.append(
         (Path(manifest), profile.name)) or Path(manifest))
 
     def stop(profile, manifest, *args, **kwargs):
         raise ValueError(f"evaluated {manifest}")
 
-    monkeypatch.setattr(igrpn.evaluation.runs, "evaluate_runs", stop)
+    monkeypatch.setattr(igrpn.cli, "evaluate_runs", stop)
     status, _, err = _run(["evaluate", "--profile", "smoke", "--report-dir", report, "--quiet"], capsys)
     expected = igrpn.reproduce.default_manifest("smoke")
     assert asked == [(expected, "smoke")]
