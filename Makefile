@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROFILE ?= cpu
-# smoke runs never write over the committed report/ (DESIGN §8)
+# smoke runs never write over the committed report/ (docs/design.md §8)
 ifeq ($(PROFILE),cpu)
 OUT ?= report
 else

@@ -85,7 +85,7 @@ example:
 MARKUPS_EPILOG = """\
 For every IMAGE, reads MARKUPS_DIR/<image name without .nii/.nii.gz>.mrk.json (a 3D Slicer point
 list; LPS or RAS) whose point labels are the landmark names (left_eye, middle_eyebrow, right_eye,
-nose_tip, chin; case, spaces and hyphens are forgiven) and writes a manifest (DESIGN columns,
+nose_tip, chin; case, spaces and hyphens are forgiven) and writes a manifest (the columns of docs/design.md §3,
 world mm in RAS) with case_id = the image name without suffix and image = its path relative to
 the manifest. `igrpn predict --markups DIR` writes such files, to be corrected in Slicer.
 

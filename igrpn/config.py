@@ -1,4 +1,4 @@
-"""Constants shared by every module, and the three run profiles of DESIGN §8.
+"""Constants shared by every module, and the three run profiles of docs/design.md §8.
 
 Every size is given in millimetres and converted to voxels with the profile's spacing, so the
 paper's voxel numbers hold exactly at 1.3 mm and a coarser profile keeps the same anatomy.
@@ -62,7 +62,7 @@ class Profile:
     #: ``"combinations"`` (the paper: every (w, h, d) of the base sizes, 4³ = 64 per cell) or
     #: ``"cubes"`` (one cube per base size, 4 per cell; every GT box is a cube) — igrpn.boxes.anchor_shapes
     anchor_shapes: str = "combinations"
-    #: Normalisation of the RPN's backbone: ``"batch"`` (DESIGN §5), ``"group"`` or ``"instance"``
+    #: Normalisation of the RPN's backbone: ``"batch"`` (docs/design.md §5), ``"group"`` or ``"instance"``
     #: (nnDetection's choice for small 3D batches); the inference fast path folds BatchNorm only
     backbone_norm: str = "batch"
     #: How the backbone merges a coarser map into a finer one: ``"concat"`` (the paper's U-Net
@@ -83,7 +83,7 @@ class Profile:
     #: background anchors with the highest landmark scores added to the RPN's sample per volume
     #: (online hard negative mining, beyond the paper; 0 = the paper's random sampling only)
     hard_negatives_per_volume: int = 0
-    #: Which anchors enter the RPN's classification loss (DESIGN §5, revised): ``"sampled"`` —
+    #: Which anchors enter the RPN's classification loss (docs/design.md §10.8): ``"sampled"`` —
     #: ``samples_per_volume`` drawn at random with at most ``positive_fraction`` positives (the
     #: torchvision RPN's rule; the paper does not say); ``"all"`` — every non-ignored anchor, each
     #: scaled by the focal factor (1 − p_t)^``focal_gamma`` and the sum divided by the positives
@@ -111,7 +111,7 @@ class Profile:
     pos_iou: float = 0.5
     neg_iou: float = 0.25
     eta: float = 1.75  # IoU-balance exponent
-    nms_iou: float = 0.25  # DESIGN §6 decision: the two candidates are distinct places
+    nms_iou: float = 0.25  # docs/design.md §10.15: the two candidates are distinct places
     top_k: int = 2  # candidates per landmark kept for the graph prior (2⁵ = 32 combinations)
     heatmap_sigma_mm: float = 4.0  # Gaussian σ of the heatmap baseline's targets
     rotation_deg: float = 25.0  # augmentation: uniform in [−r, r] about each axis

@@ -1,14 +1,14 @@
-"""Distance-ratio graph prior over the five facial landmarks (paper §2.3, Eq. 4; DESIGN §6).
+"""Distance-ratio graph prior over the five facial landmarks (paper §2.3, Eq. 4; docs/design.md §6).
 
 The five landmarks are the nodes of a graph with nine edges (every pair except
-middle_eyebrow–chin, a DESIGN decision); an edge's length is the Euclidean distance (mm)
+middle_eyebrow–chin, docs/design.md §10.16); an edge's length is the Euclidean distance (mm)
 between its two landmarks. Six scale-free ratios of edge lengths are modelled, each by a
 Gaussian (µ, σ) fitted on the training landmarks:
 
 * symmetric pairs (c, d) — the fetus's left side against its right side —
   ``(Dist(c) − Dist(d)) / (Dist(c) + Dist(d))`` for eye–eyebrow, eye–nose and eye–chin;
 * asymmetric pairs (a, b) — ``Dist(a) / Dist(b)`` for eye–eye / eyebrow–nose,
-  eyebrow–nose / nose–chin and eye–eye / nose–chin (DESIGN decision).
+  eyebrow–nose / nose–chin and eye–eye / nose–chin (docs/design.md §10.17).
 
 A landmark set is scored by the anti-normal penalty of Eq. (4),
 ``Σ_i σ_i · exp((r_i − µ_i)² / (2 σ_i²))``; among the candidate combinations the one with the
@@ -546,7 +546,7 @@ def landmarks_from_manifest(manifest, landmarks: Sequence[str] = LANDMARKS) -> n
     """Landmark positions from a manifest's ``<name>_x/_y/_z`` columns (world mm).
 
     Args:
-        manifest: a DataFrame with one row per volume (DESIGN §3).
+        manifest: a DataFrame with one row per volume (docs/design.md §3).
 
     Returns:
         (N, 5, 3) float64 array in ``landmarks`` order.

@@ -1,4 +1,4 @@
-"""Tests of the evaluation metrics (paper §3; DESIGN §7) against hand-computed answers."""
+"""Tests of the evaluation metrics (paper §3; docs/design.md §7) against hand-computed answers."""
 
 import math
 

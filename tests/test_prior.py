@@ -1,4 +1,4 @@
-"""Tests of the distance-ratio graph prior (paper §2.3, Eq. 4; DESIGN §6)."""
+"""Tests of the distance-ratio graph prior (paper §2.3, Eq. 4; docs/design.md §6)."""
 
 import json
 import math

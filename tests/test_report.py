@@ -1,5 +1,7 @@
 """Tables beside the paper's numbers, and the reading of the paper's claims."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -207,3 +209,20 @@ def test_the_wall_time_is_judged_against_the_cpu_budget():
     assert "a full run (`--force`) takes longer" in _budget_sentence(cpu, 59 * 60, reused=True)
     assert "over the 120 minutes allowed" in _budget_sentence(cpu, 121 * 60)
     assert _budget_sentence(get_profile("smoke"), 121 * 60) == ""
+
+
+def test_design_decisions_are_section_10_of_the_design_document_one_heading_level_down(tmp_path):
+    doc = tmp_path / "design.md"
+    doc.write_text("# Design\n\n## 9. API\n\nnot this\n\n## 10. Decisions\n\nIntro.\n\n### 10.1 Boxes\n\nCubes.\n")
+    assert report.design_decisions(doc) == "Intro.\n\n#### 10.1 Boxes\n\nCubes.\n"
+    with pytest.raises(ValueError, match=r"design.md: no section starting with '## 10. '"):
+        doc.write_text("# Design\n\n## 9. API\n")
+        report.design_decisions(doc)
+    with pytest.raises(FileNotFoundError, match="missing.md: the design document is missing"):
+        report.design_decisions(tmp_path / "missing.md")
+
+
+def test_the_report_repeats_every_decision_of_the_projects_design_document():
+    text = report.design_decisions()
+    decisions = re.findall(r"^#### (10\.\d+) ", text, flags=re.M)
+    assert len(decisions) >= 20 and decisions[:3] == ["10.1", "10.2", "10.3"]

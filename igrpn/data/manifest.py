@@ -49,7 +49,7 @@ def _row_label(df: pd.DataFrame, position: int) -> str:
 
 
 def read_manifest(path) -> pd.DataFrame:
-    """Read and validate a manifest (DESIGN §3); ``image`` becomes an absolute path.
+    """Read and validate a manifest (docs/design.md §3); ``image`` becomes an absolute path.
 
     Checks the required columns, coordinates (numeric, finite), duplicate ``case_id``, the
     ``split`` (``train``/``test``) and that every image file exists. All problems found are

@@ -143,7 +143,7 @@ def read_markups(path) -> tuple[list[str], np.ndarray]:
 
 
 def manifest_row_from_markups(case_id: str, image, split: str, markups_path) -> dict:
-    """One manifest row (DESIGN §3 columns) from a volume and its Slicer landmarks.
+    """One manifest row (docs/design.md §3 columns) from a volume and its Slicer landmarks.
 
     The control points' labels name the landmarks: ``config.LANDMARKS``, compared without regard
     to case, and with spaces or hyphens read as underscores (``"Left eye"`` is ``left_eye``).

@@ -1,4 +1,4 @@
-"""Evaluation metrics of paper §3 (DESIGN §7): d-mean, hit rates, COCO-style AP and mIoU,
+"""Evaluation metrics of paper §3 (docs/design.md §7): d-mean, hit rates, COCO-style AP and mIoU,
 per-landmark tables, and bootstrap confidence intervals over test volumes.
 
 Inputs are pandas tables in world millimetres:

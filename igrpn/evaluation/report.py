@@ -18,100 +18,28 @@ from igrpn.evaluation.answers import configuration_label
 from igrpn.evaluation.tables import (REFERENCE_RUN, comparison, format_value, paper_tables, per_landmark_markdown,
                                      ranking_markdown, scores_record)
 
-#: DESIGN.md's decisions where the paper is ambiguous, repeated in every report.
-DESIGN_DECISIONS = (
-    "GT boxes are cubes of 14³ voxels (18.2 mm) for the eyes and 24³ (31.2 mm) for the other three "
-    "landmarks (the extracted text's \"143\"/\"243\").",
-    "Which anchors enter Eq. (2) (DESIGN §5 leaves it open; Profile.classification_anchors): the paper and "
-    "smoke profiles sample 256 per volume, at most half positive (the torchvision RPN's rule). The cpu "
-    "profile's RPN puts every anchor into a focal, IoU-balanced loss divided by the number of positives "
-    "(\"all\", the form of the IoU-balanced loss's own paper, built on RetinaNet), on cube anchors (below): "
-    "on validation data it beat sampling with both seeds at the same optimiser steps and a cheaper step "
-    "(docs/experiments.csv, docs/accuracy.md §13). On the paper's 64 anchor shapes the same loss did not win "
-    "(its step cost 1.4–1.6×), nor did negatives drawn from a pool of the hardest (\"hard_pool\", MONAI's "
-    "and nnDetection's sampler), negatives stratified near the face or a deeper head; ATSS alone neither "
-    "(with cube anchors and the dense loss it did, below).",
-    "Beyond DESIGN (the cpu profile's RPN, Profile.anchor_shapes = \"cubes\"): one cube per base size, 4 "
-    "anchors per cell, instead of the paper's 4³ = 64 (every (w, h, d) combination). Every GT box is a cube, "
-    "so the other 60 shapes never fit one better than a cube; with 16× fewer anchors (131 k per volume) "
-    "the loss over all of them costs less than the sampled loss on 64 shapes. The paper profile keeps 64.",
-    "Beyond the paper (the cpu profile's RPN, Profile.matcher = \"atss\"): positives by adaptive "
-    "training-sample selection (ATSS: the anchors of the 4 cells nearest each GT, IoU at least their mean "
-    "plus standard deviation, centre inside the GT) instead of IoU > 0.5 or the best anchor; negatives stay "
-    "the paper's (IoU < 0.25 with every GT). With cube anchors and the dense loss it won on validation with "
-    "both seeds (docs/accuracy.md §13).",
-    "Beyond the paper (profile settings_by_method): the RPN trains with SGD (momentum 0.9, Nesterov, lr "
-    "0.01, weight decay 3e-5; warm-up and cosine), as nnDetection and MONAI's detection tutorials train, "
-    "instead of AdamW (lr 2e-3): it won on validation with both seeds at the same wall-clock budget "
-    "(docs/experiments.csv). The paper does not name its optimiser. The SSD and Faster R-CNN train with the "
-    "same SGD, one cube anchor per base size and the lean backbone below (each keeps its own negatives): "
-    "they beat their AdamW, paper-backbone runs on validation with both seeds (docs/accuracy.md §18).",
-    "Beyond the paper (the cpu profile's RPN, Profile.fusion = \"sum\", block1_convs = 1): the backbone merges "
-    "block 4 into block 3 and the fused map into block 2 as an FPN does (a 1×1×1 projection of the coarser map "
-    "added to the finer one, then the 3×3×3 conv over the finer map's channels) instead of a 3×3×3 conv over "
-    "their concatenation, and block 1 has one convolution instead of two: a training step costs ×0.49 on the "
-    "2-core machine, and at equal minutes (about 9) it beat the paper's backbone with both seeds on validation "
-    "(docs/accuracy.md §16). The SSD and Faster R-CNN use it too; the heatmap and the paper profile keep "
-    "the paper's backbone.",
-    "Per-class 3D NMS at IoU 0.25 so the two candidates per landmark are distinct places; top 2 per "
-    "class → 2⁵ = 32 combinations (the extracted \"25\").",
-    "The graph has 9 edges: all pairs except middle_eyebrow–chin.",
-    "Asymmetric ratios: eye–eye / eyebrow–nose, eyebrow–nose / nose–chin, eye–eye / nose–chin; "
-    "symmetric ratios (left vs right): eye–eyebrow, eye–nose, eye–chin.",
-    "σ in Eq. (4) is the standard deviation; the penalty is computed in log space.",
-    "The IoU-balance weight is detached (no gradient reaches the IoU or the normaliser), sums over "
-    "the positives of the batch.",
-    "Hit rate at IoU t = fraction of landmarks whose final box has IoU ≥ t (what the paper's AP35/50/75 "
-    "values are consistent with); AP is COCO-style (101-point, per class, mean over classes) on the "
-    "selected box of each landmark.",
-    "Any mirror in the augmentation swaps left_eye and right_eye (a mirror about any axis changes the "
-    "face's chirality; DESIGN names the left-right axis, the one case of it).",
-    "Beyond DESIGN: the detection feature cell is kept at the paper's 5.2 mm (stride 4 at 1.3 mm); a "
-    "profile at 2.6 mm fuses one level further (block 2) to reach stride 2. At stride 4 and 2.6 mm the "
-    "eyes' 18.2 mm boxes had a single positive anchor (best IoU ≤ 0.5 in 60 % of them).",
-    "Beyond DESIGN: the cpu and paper profiles train on whole volumes. An earlier run trained on random "
-    "124.8 mm crops that kept every landmark box inside (Profile.crop_mm, still available): those "
-    "models had never seen the far field (the back of the skull, the uterine wall) and put answers "
-    "there at inference (IG-RPN chin 63 mm off). Measured on the test split with everything else "
-    "equal: 8 epochs of whole volumes 26.5 mm, 12 epochs of crops 33–35 mm, in the same time.",
-    "Beyond the paper (profile merge_mirror_pairs, on): the left and right eye are trained and scored as "
-    "one class (p_left + p_right; the heatmap keeps its two outputs), the two eye answers "
-    "must be two places (at least half an eye box apart), and they are named left and right by the "
-    "sign of (left − right) · ((brow − nose) × (mid(brow, nose) − mid(eyes))), the face's handedness, "
-    "measured on the training split (the same for all 120 phantom annotations). Why: the phantom's "
-    "faces lie in any pose and the augmentation mirrors them, so an eye's own appearance has no left or "
-    "right; trained as two classes, the RPN gave a true eye p ≈ 0.5 for each (measured: 0.486–0.504 on "
-    "training crops), below look-alikes elsewhere, and answered the eyes on the chin. The distance prior "
-    "cannot help: distances are the same in a face and its mirror image.",
-    "For the graph prior the merged eye class is one class as well: the prior combines that class's top 2 "
-    "places (always a valid pair) with the top 2 of each other class, 2 · 2³ = 16 combinations, the eyes "
-    "then named by handedness. Until 2026-12-02 it combined all 2 · top_k = 4 places the pooled list "
-    "holds, and the prior often traded an eye scored 1.00 for a look-alike scored 0.05–0.47 ranked third "
-    "or fourth; on the validation hold-outs of five checkpoints the class's own top 2 gave IG-RPN 3.26 / "
-    "3.87 mm (two seeds) against 3.80 / 4.72, and was better for the RPN without IoU balance and both "
-    "SSDs too (docs/accuracy.md §18). The selection rule itself is the paper's (lowest Eq. (4) penalty, "
-    "scores unused).",
-    "Beyond DESIGN (profile mixed_precision, on): forward and loss train under bf16 autocast where the "
-    "device computes bf16 natively (CUDA Ampere and later, CPUs with AMX; not AVX512-BF16 alone, slower "
-    "than fp32 there); weights, optimiser state, losses and inference stay fp32. With anchor matching "
-    "restricted to the cells near "
-    "the GT boxes (same labels), a cpu-profile training step became about 3× faster; the time went into "
-    "more epochs (docs/accuracy.md).",
-    "Tried and left off (Profile.hard_negatives_per_volume = 0 in every profile, the paper's random "
-    "sampling): adding to each volume's RPN sample the 256 background anchors that look most like a "
-    "landmark. Without them the chin class answered, with p ≈ 1, on a bright blob inside the skull in most "
-    "test volumes. Measured in development (RPN, 16 epochs, test split, seeds 0 and 1, without → with): "
-    "the chin improves (54.0 → 31.0, 42.9 → 36.8 mm), the other four landmarks get worse, the d-mean moves "
-    "by −2.7 and +4.2 mm; and the trained score map goes flat: the best anchor of the brow, nose and chin "
-    "has p ≈ 0.12 with the next 1000 within 0.03 nats, spread over the whole face (without: p ≈ 0.8–1.0, "
-    "concentrated). Mining them inside other landmarks' boxes too did the same (24.9 mm, p ≈ 0.12), and "
-    "32 per volume flattened it less (25.9 mm, p ≈ 0.28); docs/accuracy.md §6, §8.",
-    "Beyond DESIGN (profile epochs_by_method): each baseline trains the epochs that filled about 9 minutes "
-    "on the 2-core machine they were set on, rather than one epoch count for all (a step of Faster R-CNN costs "
-    "~1.5× an SSD step), since every validation curve was still falling at 16 epochs (docs/accuracy.md §10). "
-    "The RPN, whose lean backbone halves its step, trains 44 epochs in about the minutes the paper's backbone "
-    "needs for 22; at 44 it beat the paper's backbone at 22 with both seeds on validation (docs/accuracy.md §16).",
-)
+#: The project's reading of the paper; its §10 (the decisions) is repeated in every report.
+DESIGN_DOC = Path(__file__).resolve().parents[2] / "docs" / "design.md"
+#: The heading that opens §10 of the design document.
+DECISIONS_HEADING = "## 10. "
+
+
+def design_decisions(path: str | Path = DESIGN_DOC) -> str:
+    """§10 of ``docs/design.md`` (the decisions where the paper is silent or ambiguous), as Markdown
+    for the report: from its heading to the end of the file, every heading one level deeper.
+
+    Raises:
+        FileNotFoundError naming the file; ValueError when it has no §10 heading.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the design document is missing; the report repeats its §10")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(DECISIONS_HEADING)), None)
+    if start is None:
+        raise ValueError(f"{path}: no section starting with {DECISIONS_HEADING!r} (the decisions)")
+    body = lines[start + 1:]
+    return "\n".join("#" + line if line.startswith("#") else line for line in body).strip() + "\n"
 
 
 def _package_versions() -> dict:
@@ -386,7 +314,7 @@ def peer_section(tables: Path, experiments: pd.DataFrame) -> list[str]:
     return parts
 
 
-#: The `cpu` profile's budget for the whole ``make reproduce`` (DESIGN §8), minutes: aimed at, at most.
+#: The `cpu` profile's budget for the whole ``make reproduce`` (docs/design.md §8), minutes: aimed at, at most.
 CPU_BUDGET_MIN = (60, 120)
 
 
@@ -400,7 +328,7 @@ def _budget_sentence(profile: Profile, total_s: float, reused: bool = False) -> 
                f"over the {aim} minutes aimed at, within the {cap} allowed" if total_s <= 60 * cap else
                f"over the {cap} minutes allowed")
     partial = " Some trainings were reused: a full run (`--force`) takes longer." if reused else ""
-    return (f"The whole run took {total_s / 60:.1f} min: {verdict} (DESIGN §8).{partial} What shorter budgets "
+    return (f"The whole run took {total_s / 60:.1f} min: {verdict} (docs/design.md §8).{partial} What shorter budgets "
             "reach on validation: `docs/accuracy.md`.")
 
 
@@ -479,10 +407,9 @@ def write_report(out_dir: str | Path, profile: Profile, steps: list[dict]) -> Pa
         "## Figures",
         "",
         *[f"![{f.stem}](figures/{f.name})\n" for f in figures],
-        "## DESIGN.md decisions (where the paper is ambiguous)",
+        "## Decisions where the paper is silent or ambiguous (docs/design.md §10)",
         "",
-        *[f"- {d}" for d in DESIGN_DECISIONS],
-        "",
+        design_decisions(),
         "## What differs from the paper, and why",
         "",
         "- Data: a deterministic synthetic phantom (152 volumes, 120 train / 32 test, 128³ at 1.3 mm) "

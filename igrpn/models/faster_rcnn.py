@@ -1,4 +1,4 @@
-"""Faster R-CNN baseline of Table 1 (DESIGN §5), on the shared backbone: "we replace the detection
+"""Faster R-CNN baseline of Table 1 (docs/design.md §5), on the shared backbone: "we replace the detection
 part of our model" with a two-stage detector (Ren et al.), with RoIAlign (He et al.) in 3D.
 
 Stage one, an RPN with binary objectness: a 3×3×3 conv on the backbone's detection map (``features``,

@@ -1,4 +1,4 @@
-"""Heatmap-regression baseline of Table 1 (DESIGN §5): an encoder-decoder on the shared backbone
+"""Heatmap-regression baseline of Table 1 (docs/design.md §5): an encoder-decoder on the shared backbone
 regresses one Gaussian heatmap per landmark (as Payer et al.); a landmark is the heatmap's arg-max
 refined to sub-voxel precision.
 

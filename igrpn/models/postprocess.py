@@ -242,7 +242,7 @@ def anchor_candidates(logits: Tensor, deltas: Tensor, anchors: Tensor, first_pre
                       anchors_per_group: int, nms_iou: float, top_k: int,
                       mirror_pairs=()) -> list[tuple[Tensor, Tensor]]:
     """One volume's candidates per class from K+1-way anchor logits (RPN and SSD): softmax,
-    decode, greedy NMS over all anchors of each class (DESIGN §6), the first ``top_k`` kept.
+    decode, greedy NMS over all anchors of each class (docs/design.md §6), the first ``top_k`` kept.
 
     Greedy NMS decides on a box from the boxes scored above it alone, so NMS of the ``n`` best
     anchors keeps exactly the boxes of the full NMS that lie among them: once that gives ``top_k``

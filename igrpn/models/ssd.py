@@ -1,4 +1,4 @@
-"""SSD baseline of Table 1/2 (DESIGN §5), on the shared backbone: "we replace the detection part of
+"""SSD baseline of Table 1/2 (docs/design.md §5), on the shared backbone: "we replace the detection part of
 our model" with a one-stage multi-scale detector (Liu et al., SSD).
 
 * Two feature scales: the backbone's detection map (``features``: the fused stride-4 map, or its

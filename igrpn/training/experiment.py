@@ -10,7 +10,7 @@ trains the named configuration (the ``cpu`` profile with the ``--set`` fields ch
 seed for the same wall-clock budget, scores each run on the *validation* part of the training
 split (held out by the seed, never the test split) and appends one row per run to
 ``docs/experiments.csv``. Decisions are taken on these rows, with at least two seeds per setting
-(DESIGN §8); the test split is scored by ``make reproduce`` alone.
+(docs/design.md §8); the test split is scored by ``make reproduce`` alone.
 
 On a machine whose cores other jobs share, ``--epochs`` gives a step budget instead, and
 ``steptime`` measures the configurations' step costs interleaved, so that equal wall-clock can be

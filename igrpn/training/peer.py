@@ -13,7 +13,7 @@ igrpn's are::
                         manifest=Path("data_manifest.csv"), budget_s=600)
     rows = validation_answers(result, cases)   # one selected row per case and landmark
 
-Coordinates. igrpn puts voxel centres at integer indices (DESIGN §3); MONAI's boxes treat voxel
+Coordinates. igrpn puts voxel centres at integer indices (docs/design.md §3); MONAI's boxes treat voxel
 ``i`` as the interval [i, i + 1) (its anchors centre on ``stride·n + stride // 2``, its boxes are
 clipped to [0, size]): a MONAI coordinate is an igrpn voxel index + 0.5
 (:func:`to_monai_boxes`, :func:`from_monai_boxes`).

@@ -77,7 +77,7 @@ def test_every_landmark_half_a_box_plus_margin_inside(seed):
 
 
 def test_landmarks_follow_the_anatomy_in_the_face_frame():
-    """Biometric ranges of DESIGN §4 / phantom-facts, in the face frame (x right, y anterior, z up)."""
+    """Biometric ranges of docs/design.md §4 / phantom-facts, in the face frame (x right, y anterior, z up)."""
     ratios = []
     for seed in range(10):
         _, _, landmarks, info = make_phantom_with_info(seed, grid=SMALL, spacing_mm=SMALL_SPACING)
