@@ -465,6 +465,7 @@ def test_faster_rcnn_regresses_a_mirror_pair_with_one_class():
 @pytest.mark.parametrize("matcher", ["iou", "atss"])
 def test_faster_rcnn_stage_one_labels_anchors_by_the_profiles_matcher(matcher):
     from igrpn import boxes as box_ops
+    from igrpn import anchors as anchor_ops
 
     model = FasterRCNNModel(dataclasses.replace(SMOKE, matcher=matcher))
     anchors = model.anchors((8, 8, 8), model.stride)
@@ -475,7 +476,7 @@ def test_faster_rcnn_stage_one_labels_anchors_by_the_profiles_matcher(matcher):
                                           object_labels)
     assert set(labels.unique().tolist()) <= {-1, 0, 1}
     if matcher == "iou":  # the paper's rule, exactly
-        expected, _ = box_ops.match_anchors(anchors_corner, gt_corner, object_labels, SMOKE.pos_iou, SMOKE.neg_iou)
+        expected, _ = anchor_ops.match_anchors(anchors_corner, gt_corner, object_labels, SMOKE.pos_iou, SMOKE.neg_iou)
         assert torch.equal(labels, expected)
     else:  # ATSS gives every landmark positives of its own, the small eye boxes included
         assert set(matched[labels > 0].tolist()) == set(range(NUM_LANDMARKS))

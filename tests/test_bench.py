@@ -381,8 +381,9 @@ def _match_anchors_reference(anchors_corner, gt_corner, gt_labels, pos_iou, neg_
 
 def test_match_anchors_equals_the_dense_reference_with_ties():
     from igrpn import boxes as box_ops
+    from igrpn import anchors as anchor_ops
 
-    anchors = box_ops.centre_to_corner(box_ops.make_anchors((14, 14, 14), 2, [3.25, 4.0, 5.0, 7.0]))
+    anchors = box_ops.centre_to_corner(anchor_ops.make_anchors((14, 14, 14), 2, [3.25, 4.0, 5.0, 7.0]))
     generator = torch.Generator().manual_seed(4)
     centres = 4 + 20 * torch.rand(5, 3, generator=generator)
     centres[1] = centres[0]  # two identical GT boxes: tied IoUs and shared best anchors
@@ -390,7 +391,7 @@ def test_match_anchors_equals_the_dense_reference_with_ties():
     sizes = torch.tensor([3.5, 3.5, 6.0, 6.0, 6.0])[:, None].expand(5, 3)
     gt = box_ops.centre_to_corner(torch.cat([centres, sizes], 1))
     gt_labels = torch.arange(1, 6)
-    labels, matched = box_ops.match_anchors(anchors, gt, gt_labels, 0.5, 0.25)
+    labels, matched = anchor_ops.match_anchors(anchors, gt, gt_labels, 0.5, 0.25)
     expected_labels, expected_matched = _match_anchors_reference(anchors, gt, gt_labels, 0.5, 0.25)
     assert torch.equal(labels, expected_labels)
     positive = labels > 0
@@ -402,14 +403,15 @@ def test_match_anchors_equals_the_dense_reference_with_ties():
 @pytest.mark.parametrize("min_iou", [0.0, 0.25, 0.5])
 def test_grid_anchors_near_holds_every_anchor_reaching_the_iou(min_iou, mode):
     from igrpn import boxes as box_ops
+    from igrpn import anchors as anchor_ops
 
     grid, stride, sizes = (12, 13, 11), 2, [3.25, 4.0, 5.0, 7.0]
-    anchors = box_ops.centre_to_corner(box_ops.make_anchors(grid, stride, sizes, mode))
+    anchors = box_ops.centre_to_corner(anchor_ops.make_anchors(grid, stride, sizes, mode))
     generator = torch.Generator().manual_seed(7)
     centres = torch.rand(6, 3, generator=generator) * torch.tensor([24.0, 26.0, 22.0]) - 1  # some off the edge
     edges = torch.tensor([3.5, 6.0, 9.0, 3.5, 6.0, 2.0])[:, None] * torch.tensor([[1.0, 1.2, 0.8]])
     gt = box_ops.centre_to_corner(torch.cat([centres, edges], 1))
-    near = box_ops.grid_anchors_near(gt, grid, stride, sizes, min_iou, mode)
+    near = anchor_ops.grid_anchors_near(gt, grid, stride, sizes, min_iou, mode)
     iou = box_ops.box_iou(anchors, gt).amax(dim=1)
     reaching = torch.nonzero(iou > 0 if min_iou == 0 else iou >= min_iou).reshape(-1)
     assert reaching.numel() > 0
@@ -420,38 +422,40 @@ def test_grid_anchors_near_holds_every_anchor_reaching_the_iou(min_iou, mode):
 
 def test_match_anchors_on_candidates_equals_matching_every_anchor():
     from igrpn import boxes as box_ops
+    from igrpn import anchors as anchor_ops
 
     grid, stride, sizes = (16, 16, 16), 2, [3.25, 4.0, 5.0, 7.0]
-    anchors = box_ops.centre_to_corner(box_ops.make_anchors(grid, stride, sizes))
+    anchors = box_ops.centre_to_corner(anchor_ops.make_anchors(grid, stride, sizes))
     generator = torch.Generator().manual_seed(5)
     gt_labels = torch.arange(1, 6)
     for trial in range(4):
         centres = 2 + 28 * torch.rand(5, 3, generator=generator)
         edges = torch.tensor([3.5, 6.0, 3.5, 6.0, 6.0])[:, None].expand(5, 3)
         gt = box_ops.centre_to_corner(torch.cat([centres, edges], 1))
-        near = box_ops.grid_anchors_near(gt, grid, stride, sizes, 0.25)
-        labels, matched = box_ops.match_anchors(anchors, gt, gt_labels, 0.5, 0.25, candidates=near)
-        expected_labels, expected_matched = box_ops.match_anchors(anchors, gt, gt_labels, 0.5, 0.25)
+        near = anchor_ops.grid_anchors_near(gt, grid, stride, sizes, 0.25)
+        labels, matched = anchor_ops.match_anchors(anchors, gt, gt_labels, 0.5, 0.25, candidates=near)
+        expected_labels, expected_matched = anchor_ops.match_anchors(anchors, gt, gt_labels, 0.5, 0.25)
         assert torch.equal(labels, expected_labels)
         assert torch.equal(matched[labels > 0], expected_matched[labels > 0])
 
 
 def test_match_anchors_falls_back_when_a_gt_reaches_no_candidate():
     from igrpn import boxes as box_ops
+    from igrpn import anchors as anchor_ops
 
     # A GT far smaller than every anchor: its best IoU stays below neg_iou, so its best anchor
     # (a positive by the best-anchor rule) may be outside any window; an empty window must not
     # lose it.
-    anchors = box_ops.centre_to_corner(box_ops.make_anchors((8, 8, 8), 4, [8.0]))
+    anchors = box_ops.centre_to_corner(anchor_ops.make_anchors((8, 8, 8), 4, [8.0]))
     gt = torch.tensor([[10.0, 10.0, 10.0, 11.0, 11.0, 11.0]])
     empty = torch.zeros(0, dtype=torch.int64)
-    labels, _ = box_ops.match_anchors(anchors, gt, torch.tensor([3]), 0.5, 0.25, candidates=empty)
-    expected, _ = box_ops.match_anchors(anchors, gt, torch.tensor([3]), 0.5, 0.25)
+    labels, _ = anchor_ops.match_anchors(anchors, gt, torch.tensor([3]), 0.5, 0.25, candidates=empty)
+    expected, _ = anchor_ops.match_anchors(anchors, gt, torch.tensor([3]), 0.5, 0.25)
     assert torch.equal(labels, expected) and int((labels == 3).sum()) >= 1
 
 
 def test_sample_balanced_sparse_draw_is_uniform_and_distinct():
-    from igrpn import boxes as box_ops
+    from igrpn import anchors as anchor_ops
 
     # Two million anchors, nearly all background: the negatives are drawn by rejection.
     labels = torch.zeros(2_000_000, dtype=torch.int64)
@@ -460,7 +464,7 @@ def test_sample_balanced_sparse_draw_is_uniform_and_distinct():
     counts = torch.zeros(10)
     generator = torch.Generator().manual_seed(0)
     for _ in range(40):
-        picked = box_ops.sample_balanced(labels, 256, 0.5, generator)
+        picked = anchor_ops.sample_balanced(labels, 256, 0.5, generator)
         assert picked.numel() == 256 and picked.unique().numel() == 256  # 10 positives, 246 negatives
         assert int((labels[picked] > 0).sum()) == 10 and not bool((labels[picked] < 0).any())
         negatives = picked[labels[picked] == 0]

@@ -104,6 +104,12 @@ def test_one_module_holds_mkstemp():
     assert holders == ["igrpn/io.py"]
 
 
+def test_no_module_is_much_longer_than_600_lines():
+    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
+
+
 def _cited_sections() -> dict[str, set[str]]:
     """"docs/design.md §n" (or §n.m) -> the files citing it, in the library, tests, notebooks, Makefile."""
     cited: dict[str, set[str]] = {}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from igrpn import boxes as B
+from igrpn import anchors as anchor_ops
 from igrpn.config import get_profile
 from igrpn.models import build_model
 from igrpn.models.backbone import Backbone, pad_to_multiple
@@ -57,7 +58,7 @@ def test_rpn_outputs_aligned_with_anchors():
     assert isinstance(model, LandmarkModel) and model.method == "rpn"
     out = model(torch.randn(2, 1, 32, 24, 16))
     sizes = [s / PROFILE.spacing_mm for s in PROFILE.anchor_sizes_mm]
-    expected = B.make_anchors((8, 6, 4), 4, sizes)
+    expected = anchor_ops.make_anchors((8, 6, 4), 4, sizes)
     assert torch.equal(out["anchors"], expected)
     assert out["cls_logits"].shape == (2, expected.shape[0], 6)
     assert out["deltas"].shape == (2, expected.shape[0], 6)
@@ -77,7 +78,7 @@ def test_rpn_with_cube_anchors_and_a_deeper_head():
     assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.head_tower) == 2
     out = model(torch.randn(2, 1, 32, 24, 16))
     sizes = [s / PROFILE.spacing_mm for s in PROFILE.anchor_sizes_mm]
-    assert torch.equal(out["anchors"], B.make_anchors((8, 6, 4), 4, sizes, "cubes"))
+    assert torch.equal(out["anchors"], anchor_ops.make_anchors((8, 6, 4), 4, sizes, "cubes"))
     assert out["cls_logits"].shape == (2, 8 * 6 * 4 * 4, 6)
     landmarks = torch.tensor([[[8.0, 8, 8], [12, 8, 8], [16, 8, 8], [12, 14, 6], [12, 18, 7]]] * 2)
     loss = model.loss(out, landmarks)
@@ -137,7 +138,7 @@ def test_rpn_loss_outputs_and_reproducibility():
 
 def test_iou_balance_switch_changes_gradient_not_value():
     torch.manual_seed(0)
-    anchors = B.make_anchors((8, 8, 8), 4, [3.25, 4.0, 5.0, 7.0])
+    anchors = anchor_ops.make_anchors((8, 8, 8), 4, [3.25, 4.0, 5.0, 7.0])
     logits = torch.randn(1, anchors.shape[0], 6)
     deltas = 0.2 * torch.randn(1, anchors.shape[0], 6)
     grads, values = [], []
@@ -205,7 +206,7 @@ def test_half_resolution_profiles_keep_the_papers_feature_cell():
     model = build_model("rpn", profile)
     result = model(torch.randn(1, 1, 32, 24, 16))
     sizes = [s / profile.spacing_mm for s in profile.anchor_sizes_mm]
-    expected = B.make_anchors((16, 12, 8), 2, sizes)
+    expected = anchor_ops.make_anchors((16, 12, 8), 2, sizes)
     assert torch.equal(result["anchors"], expected)
     assert result["cls_logits"].shape == (1, expected.shape[0], 6)
     with pytest.raises(ValueError, match="stride must be 2 or 4"):
@@ -230,7 +231,7 @@ def test_the_other_classification_anchor_rules_train(mode):
     # ATSS makes ~45 positives of IoU ~0.25 per GT on this coarse grid (4 cells x 64 shapes): slower
     assert losses[-1] < (0.8 if mode == "atss" else 0.7) * losses[0]
     anchors = model(volume)["anchors"]
-    labels, _ = B.match_anchors(B.centre_to_corner(anchors), B.centre_to_corner(model.gt_boxes(landmarks)[0]),
+    labels, _ = anchor_ops.match_anchors(B.centre_to_corner(anchors), B.centre_to_corner(model.gt_boxes(landmarks)[0]),
                                 torch.arange(1, 6), profile.pos_iou, profile.neg_iou)
     if mode == "all":
         assert loss["num_pos"].item() == (labels > 0).sum().item()  # every positive regressed
@@ -261,7 +262,7 @@ def test_near_face_negatives_come_from_around_the_gt_boxes(fraction):
     model = RPNModel(profile)
     anchors = model.anchors((12, 12, 12), 4)  # cells of 4 voxels, 48³ voxels
     gt = B.centre_to_corner(torch.tensor([[10.0, 10, 10, 3, 3, 3], [14, 10, 10, 4, 4, 4]]))
-    labels, _ = B.match_anchors(B.centre_to_corner(anchors), gt, torch.tensor([1, 2]), 0.5, 0.25)
+    labels, _ = anchor_ops.match_anchors(B.centre_to_corner(anchors), gt, torch.tensor([1, 2]), 0.5, 0.25)
     chosen = model._near_face_sample(anchors, labels, gt, torch.Generator().manual_seed(0))
     assert chosen.numel() == 64 and len(set(chosen.tolist())) == 64
     positives, negatives = chosen[labels[chosen] > 0], chosen[labels[chosen] <= 0]

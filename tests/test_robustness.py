@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from fixtures_ckpt import FACE_MM, prior_file, random_volume, smoke_checkpoint, write_nifti  # noqa: F401
 
-import igrpn.cli
+import igrpn.cli.commands
+import igrpn.cli.predict
 import igrpn.io
 import igrpn.data.markups
 import igrpn.reproduce
@@ -491,7 +492,7 @@ def test_json_output_is_valid_json_even_with_a_non_finite_value(detector, tmp_pa
     rows = detector.predict(random_volume((20, 20, 20)), np.diag([4.0, 4.0, 4.0, 1.0]))
     rows.insert(0, "volume", "v.nii")
     rows.loc[rows.index[0], "score"] = np.nan
-    text = igrpn.cli.predictions_text([("v.nii", rows)], tmp_path / "p.json")
+    text = igrpn.cli.predict.predictions_text([("v.nii", rows)], tmp_path / "p.json")
 
     def refuse(constant):
         raise AssertionError(f"bare {constant} in JSON")
@@ -703,7 +704,7 @@ def test_phantom_manifest_may_go_into_the_out_folder_it_creates(tmp_path, capsys
 def test_ctrl_c_during_predict_stops_cleanly_and_writes_nothing(tmp_path, smoke_checkpoint, capsys, monkeypatch):
     volumes = [write_nifti(tmp_path / f"v{i}.nii.gz", random_volume((20, 20, 20), seed=i)) for i in range(3)]
     out, marks = tmp_path / "pred.csv", tmp_path / "marks"
-    predict_file, calls = igrpn.cli.predict_file, []
+    predict_file, calls = igrpn.cli.predict.predict_file, []
 
     def interrupted_on_the_third(detector, path):
         calls.append(path)
@@ -711,7 +712,7 @@ def test_ctrl_c_during_predict_stops_cleanly_and_writes_nothing(tmp_path, smoke_
             raise KeyboardInterrupt
         return predict_file(detector, path)
 
-    monkeypatch.setattr(igrpn.cli, "predict_file", interrupted_on_the_third)
+    monkeypatch.setattr(igrpn.cli.predict, "predict_file", interrupted_on_the_third)
     before = _listing(tmp_path)
     status, out_text, err = _run(["predict", *volumes, "--checkpoint", smoke_checkpoint, "--out", out,
                                   "--markups", marks, "--quiet"], capsys)
@@ -920,7 +921,7 @@ def test_evaluate_without_manifest_uses_the_profiles_data_set(tmp_path, smoke_ch
     def stop(profile, manifest, *args, **kwargs):
         raise ValueError(f"evaluated {manifest}")
 
-    monkeypatch.setattr(igrpn.cli, "evaluate_runs", stop)
+    monkeypatch.setattr(igrpn.cli.commands, "evaluate_runs", stop)
     status, _, err = _run(["evaluate", "--profile", "smoke", "--report-dir", report, "--quiet"], capsys)
     expected = igrpn.reproduce.default_manifest("smoke")
     assert asked == [(expected, "smoke")]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from igrpn import boxes as box_ops
+from igrpn import anchors as anchor_ops
 from igrpn.config import LANDMARKS, LEFT_RIGHT_CLASS_PAIRS, NUM_LANDMARKS, Profile
 
 
@@ -61,7 +62,7 @@ class LandmarkModel(nn.Module):
         sizes = tuple(float(s) for s in (self.anchor_sizes_vox() if sizes_vox is None else sizes_vox))
         key = (tuple(int(g) for g in grid_shape), int(stride), sizes, str(torch.device(device or "cpu")))
         if key not in self._anchor_cache:
-            centre = box_ops.make_anchors(grid_shape, stride, sizes, self.profile.anchor_shapes).to(device or "cpu")
+            centre = anchor_ops.make_anchors(grid_shape, stride, sizes, self.profile.anchor_shapes).to(device or "cpu")
             self._anchor_cache[key] = (centre, box_ops.centre_to_corner(centre))
         return self._anchor_cache[key]
 
@@ -69,7 +70,7 @@ class LandmarkModel(nn.Module):
         """Anchors per feature cell for ``num_sizes`` base sizes (default: the profile's), in the
         profile's ``anchor_shapes`` mode (:func:`igrpn.boxes.anchor_shapes`)."""
         num_sizes = len(self.profile.anchor_sizes_mm) if num_sizes is None else num_sizes
-        return box_ops.anchors_per_cell(num_sizes, self.profile.anchor_shapes)
+        return anchor_ops.anchors_per_cell(num_sizes, self.profile.anchor_shapes)
 
     def anchors(self, grid_shape, stride: int, sizes_vox=None, device=None) -> Tensor:
         """Cached :func:`igrpn.boxes.make_anchors` (centre form, voxels) for a feature grid;
@@ -111,7 +112,7 @@ class LandmarkModel(nn.Module):
             grids = key[1] if key[0] == "concat" else ((key[0], key[1], key[2]),)
             parts, offset = [], 0
             for shape, stride, sizes in grids:
-                parts.append(box_ops.grid_anchors_near(gt_corner, shape, stride, sizes, min_iou,
+                parts.append(anchor_ops.grid_anchors_near(gt_corner, shape, stride, sizes, min_iou,
                                                        self.profile.anchor_shapes) + offset)
                 offset += math.prod(shape) * self.anchors_per_cell(len(sizes))
             return torch.cat(parts).to(anchors.device)
@@ -129,14 +130,14 @@ class LandmarkModel(nn.Module):
         profile = self.profile
         near = self.anchors_near(anchors, gt_corner, profile.neg_iou)
         if profile.matcher == "iou":
-            return box_ops.match_anchors(anchors_corner, gt_corner, gt_labels, profile.pos_iou, profile.neg_iou,
+            return anchor_ops.match_anchors(anchors_corner, gt_corner, gt_labels, profile.pos_iou, profile.neg_iou,
                                          candidates=near)
         # With both thresholds at neg_iou, label 0 is exactly "IoU < neg_iou with every GT".
-        labels, _ = box_ops.match_anchors(anchors_corner, gt_corner, gt_labels, profile.neg_iou, profile.neg_iou,
+        labels, _ = anchor_ops.match_anchors(anchors_corner, gt_corner, gt_labels, profile.neg_iou, profile.neg_iou,
                                           candidates=near)
         labels = torch.where(labels == 0, 0, -1)
         matched = torch.zeros_like(labels)
-        positive, gt_index = box_ops.atss_positives(anchors, gt_centre, self.num_anchors_per_cell,
+        positive, gt_index = anchor_ops.atss_positives(anchors, gt_centre, self.num_anchors_per_cell,
                                                     profile.atss_cells)
         labels[positive], matched[positive] = gt_labels[gt_index], gt_index
         return labels, matched

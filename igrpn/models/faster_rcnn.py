@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from igrpn import boxes as box_ops
+from igrpn import anchors as anchor_ops
 from igrpn.config import Profile
 from igrpn.losses import iou_balanced_cross_entropy, smooth_l1
 from igrpn.models.backbone import Backbone, detection_stride, pad_to_multiple
@@ -292,7 +293,7 @@ class FasterRCNNModel(LandmarkModel):
         for volume_index, gt in enumerate(gt_corner):
             gt_centre = box_ops.corner_to_centre(gt)
             labels, matched = self.label_anchors(anchors, anchors_corner, gt_centre, gt, object_labels)
-            chosen = box_ops.sample_balanced(
+            chosen = anchor_ops.sample_balanced(
                 labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator
             )
             positives = chosen[labels[chosen] > 0]
@@ -321,7 +322,7 @@ class FasterRCNNModel(LandmarkModel):
             boxes = torch.cat([rois[rois[:, 0] == volume_index, 1:], gt])
             best_iou, matched = box_ops.box_iou(boxes, gt).max(dim=1)
             labels = torch.where(best_iou >= ROI_POS_IOU, matched + 1, torch.zeros_like(matched))
-            chosen = box_ops.sample_balanced(labels, self.rois_per_volume, ROI_POSITIVE_FRACTION, generator)
+            chosen = anchor_ops.sample_balanced(labels, self.rois_per_volume, ROI_POSITIVE_FRACTION, generator)
             batch_column = boxes.new_full((chosen.numel(), 1), float(volume_index))
             sampled_rois.append(torch.cat([batch_column, boxes[chosen]], dim=1))
             sampled_labels.append(labels[chosen])

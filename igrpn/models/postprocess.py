@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from igrpn import boxes as box_ops
+from igrpn import anchors as anchor_ops
 
 
 #: Anchors per chunk in :func:`top_anchors_per_class`: small enough for the CPU caches.
@@ -140,7 +141,7 @@ def _top_by_margin_bound(logits: Tensor, k: int, group_size: int, chunk: int, mi
     # at or above T (at least k: the seeds' own; less the slack, in case a score's last bit
     # differs from pass 2's) are ranked.
     scores = _group_log_probs(logits, groups, group_size, mirror_pairs)  # (K, groups·A)
-    anchors = box_ops.group_members(groups, group_size)
+    anchors = anchor_ops.group_members(groups, group_size)
     top_values = scores.new_full((num_classes, k), float("-inf"))
     top_index = anchors.new_zeros(num_classes, k)
     for row, c in enumerate(live):
@@ -171,7 +172,7 @@ def _top_by_group_maxima(logits: Tensor, k: int, group_size: int, chunk: int,
     # merged into its mirror partner has none worth scoring).
     dropped, live = _live_classes(num_classes, mirror_pairs)
     groups = torch.unique(best_groups[live])  # sorted
-    anchors = box_ops.group_members(groups, group_size)
+    anchors = anchor_ops.group_members(groups, group_size)
     scores = _group_log_probs(logits, groups, group_size, mirror_pairs).view(num_classes, groups.numel(), group_size)
     position = torch.searchsorted(groups, best_groups).clamp_max(groups.numel() - 1)  # (K, k): rows of `scores`
     values, indices = [], []
@@ -234,7 +235,7 @@ def _live_classes(num_classes: int, mirror_pairs=()) -> tuple[set[int], list[int
 def _group_log_probs(logits: Tensor, groups: Tensor, group_size: int, mirror_pairs=()) -> Tensor:
     """Exact class-major log-probabilities (K, len(groups)·group_size) of the anchors of
     ``groups`` (sorted group indices), anchors in group order."""
-    anchors = box_ops.group_members(groups, group_size)
+    anchors = anchor_ops.group_members(groups, group_size)
     return class_major_log_probs(logits.t().index_select(1, anchors).t(), mirror_pairs)
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from igrpn import boxes as box_ops
+from igrpn import anchors as anchor_ops
 from igrpn.config import Profile
 from igrpn.losses import iou_balanced_cross_entropy, iou_balanced_focal_loss, smooth_l1
 from igrpn.models.backbone import Backbone, detection_stride, head_groups, pad_to_multiple
@@ -189,7 +190,7 @@ class RPNModel(LandmarkModel):
             elif self.profile.classification_anchors == "near_face":
                 chosen = self._near_face_sample(anchors, labels, gt_corner, generator)
             else:
-                chosen = box_ops.sample_balanced(
+                chosen = anchor_ops.sample_balanced(
                     labels, self.profile.samples_per_volume, self.profile.positive_fraction, generator
                 )
             if self.profile.hard_negatives_per_volume and not dense:
@@ -242,7 +243,7 @@ class RPNModel(LandmarkModel):
 
     def _sampled_positives(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         """The positives ``sample_balanced`` would draw from ``labels`` (A,), without negatives."""
-        return box_ops.sample_balanced(torch.where(labels > 0, labels, -1), self.profile.samples_per_volume,
+        return anchor_ops.sample_balanced(torch.where(labels > 0, labels, -1), self.profile.samples_per_volume,
                                        self.profile.positive_fraction, generator)
 
     def _cells_centred_in(self, anchors: Tensor, boxes_corner: Tensor, margin: float = 0.0) -> Tensor:
@@ -261,7 +262,7 @@ class RPNModel(LandmarkModel):
         profile = self.profile
         positives = self._sampled_positives(labels, generator)
         num_neg = profile.samples_per_volume - positives.numel()
-        pool = box_ops.hardest_negatives(labels, foreground_log_odds(volume_logits),
+        pool = anchor_ops.hardest_negatives(labels, foreground_log_odds(volume_logits),
                                          profile.hard_negative_pool * num_neg, group_size=self.num_anchors_per_cell)
         pick = torch.randperm(pool.numel(), generator=generator)[:num_neg].to(pool.device)
         return torch.cat([positives, pool[pick]])
@@ -279,14 +280,14 @@ class RPNModel(LandmarkModel):
         positives = self._sampled_positives(labels, generator)
         num_neg = profile.samples_per_volume - positives.numel()
         inside = self._cells_centred_in(anchors, gt_corner, margin=profile.mm_to_vox(profile.near_face_mm))
-        near = box_ops.group_members(torch.nonzero(inside).flatten(), self.num_anchors_per_cell)
+        near = anchor_ops.group_members(torch.nonzero(inside).flatten(), self.num_anchors_per_cell)
         near = near[labels[near] == 0]
         num_near = min(round(num_neg * profile.near_face_fraction), near.numel())
         near = near[torch.randperm(near.numel(), generator=generator)[:num_near].to(near.device)]
         # The rest at random among all negatives not drawn yet, near ones included.
         rest_labels = labels.clone()
         rest_labels[near] = -1
-        rest = box_ops.sample_balanced(torch.where(rest_labels == 0, 0, -1), num_neg - num_near, 0.0, generator)
+        rest = anchor_ops.sample_balanced(torch.where(rest_labels == 0, 0, -1), num_neg - num_near, 0.0, generator)
         return torch.cat([positives, near, rest])
 
     def _hard_negatives(self, volume_logits: Tensor, labels: Tensor, chosen: Tensor, anchors: Tensor,
@@ -301,7 +302,7 @@ class RPNModel(LandmarkModel):
         per_cell = self.num_anchors_per_cell
         inside = self._cells_centred_in(anchors, box_ops.centre_to_corner(gt_centre))
         hardness.view(-1, per_cell)[inside] = float("-inf")
-        return box_ops.hardest_negatives(labels, hardness, self.profile.hard_negatives_per_volume,
+        return anchor_ops.hardest_negatives(labels, hardness, self.profile.hard_negatives_per_volume,
                                          exclude=chosen, group_size=per_cell)
 
     @torch.no_grad()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from igrpn import boxes as box_ops
+from igrpn import anchors as anchor_ops
 from igrpn.config import Profile
 from igrpn.losses import iou_balanced_cross_entropy, iou_balanced_focal_loss, smooth_l1
 from igrpn.models.backbone import Backbone, detection_stride, pad_to_multiple
@@ -205,7 +206,7 @@ class SSDModel(LandmarkModel):
 
         # Match every volume's anchors to its five GT cubes (IoUs only near the cubes).
         labels, matched = zip(*(
-            box_ops.match_anchors(anchors_corner, g, gt_labels, self.profile.pos_iou, self.profile.neg_iou,
+            anchor_ops.match_anchors(anchors_corner, g, gt_labels, self.profile.pos_iou, self.profile.neg_iou,
                                   candidates=self.anchors_near(anchors, g, self.profile.neg_iou))
             for g in box_ops.centre_to_corner(gt_centre)
         ))

@@ -37,7 +37,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from igrpn import config
-from igrpn.boxes import box_iou, centre_to_corner, landmark_boxes, make_anchors
+from igrpn.anchors import make_anchors
+from igrpn.boxes import box_iou, centre_to_corner, landmark_boxes
 from igrpn.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from igrpn.config import Profile, get_profile
 from igrpn.data import collate, LandmarkDataset, load_cases, read_manifest
