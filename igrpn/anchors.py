@@ -314,7 +314,7 @@ def _draw_distinct(mask: Tensor, count: int, generator: torch.Generator | None) 
 
     A few hundred draws among two million background anchors: uniform draws over all positions,
     rejected where ``mask`` is False or already drawn, instead of listing and permuting every
-    candidate (that cost ~30 ms per volume). Dense cases use the permutation."""
+    candidate, which costs far more. Dense cases use the permutation."""
     total, size = int(mask.sum()), mask.numel()
     if count <= 0:
         return torch.zeros(0, dtype=torch.int64, device=mask.device)

@@ -255,27 +255,14 @@ PROFILES: dict[str, Profile] = {
         phantom_spacing_mm=2.6, manifest="build/smoke/data/data_manifest.csv", data_dir=".",
         val_fraction=0.25, feature_stride_mm=4 * 5.2,
     ),
-    # make reproduce: all of Table 1 and 2 on a 2-core CPU, half the paper's resolution.
-    # Whole volumes, not crops: a model trained on face-centred crops never saw the far field
-    # (skull, uterine wall) it meets at inference and answered there (REPORT.md). Epochs per method:
-    # every validation curve was still falling at 16, so each baseline got the epochs that filled about
-    # 9 minutes on the 2-core machine they were set on (machines here differ ~2× per step), and the RPN
-    # trains longest, as its lean backbone allows (docs/accuracy.md §10, §16).
-    # The paper's random sampling, no hard negatives: 256 per volume helped the chin and hurt every
-    # other landmark over two seeds, and left a flat score map (top p ≈ 0.12 over the whole face;
-    # docs/accuracy.md §6, §8).
+    # make reproduce: all of Table 1 and 2 on a 2-core CPU at half the paper's resolution, on whole
+    # volumes (docs/design.md §10.3), without hard negatives (§10.9), with the epochs of §10.13.
     "cpu": Profile(
         name="cpu", spacing_mm=2.6, width=16, epochs=16, batch_size=2, lr=2e-3,
         epochs_by_method={"rpn": 44, "ssd": 24, "heatmap": 30},
-        # The RPN trains with SGD (Nesterov) as nnDetection and MONAI's detection tutorials do, on one
-        # cube anchor per base size with every anchor in the IoU-balanced focal loss and ATSS
-        # positives: each won on validation with both seeds (docs/experiments.csv, docs/accuracy.md
-        # §12–13). Its backbone merges maps FPN-style and has one block-1 conv: half the step cost,
-        # and at equal minutes it beat the paper's backbone with both seeds (§16); the minutes saved
-        # buy it 44 epochs, where it beat the paper's backbone at 22 with both seeds. The SSD and
-        # Faster R-CNN get the same optimiser, anchors and backbone, which beat their AdamW and
-        # paper-backbone runs with both seeds at about half the step cost (§18); each keeps its own
-        # negatives (the RPN's focal loss did not help the SSD).
+        # The recipe chosen on validation with two seeds: SGD (docs/design.md §10.12), cube anchors
+        # (§10.6), the lean backbone (§10.5), and for the RPN the dense loss and ATSS (§10.7, §10.8);
+        # the SSD and Faster R-CNN keep their own negatives.
         settings_by_method={"rpn": {**_RPN_RECIPE, "classification_anchors": "all",
                                     "matcher": "atss"},
                             "ssd": _RPN_RECIPE, "faster_rcnn": _RPN_RECIPE},

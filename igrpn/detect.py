@@ -287,8 +287,7 @@ def select_answers(rows: pd.DataFrame, prior=None, prior_lambda: float = 0.0, ha
     each class the prior combines. A mirror pair trained as one class (``merge_mirror_pairs``)
     lists that class's places under both names, ``2 · top_k`` of them; it is one class here too:
     the prior combines its first ``class_top_k`` places (and always its best pair), as the paper
-    takes the top 2 of every class. Without this the prior could trade an eye scored 1.00 for a
-    look-alike scored 0.05 ranked third or fourth (docs/accuracy.md §18).
+    takes the top 2 of every class (docs/design.md §10.19).
     """
     # Plain arrays throughout and one DataFrame written at the end: per-row pandas indexing cost
     # more than everything else in the post-processing (benchmarks/NOTES.md §3b).

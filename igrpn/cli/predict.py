@@ -24,13 +24,9 @@ from igrpn.io import atomic_write_files, atomic_write_text, check_writable
 
 #: Suffixes ``igrpn predict --out`` understands, and the format each selects.
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
-
-
 #: Largest volume (voxels, from the file's header) that ``igrpn predict`` reads: 512³ voxels are
 #: 0.5 GiB as float32, and reorientation and resampling hold a few copies at once.
 MAX_SOURCE_VOXELS = 512 ** 3
-
-
 #: Characters that make a VOLUME argument a glob pattern expanded here (when the shell did not).
 _GLOB_CHARS = set("*?[")
 

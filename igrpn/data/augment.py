@@ -21,8 +21,6 @@ from igrpn.data.volume import inside_volume
 
 #: Batches are padded to a multiple of this (three ×2 down-samplings in the backbone).
 PAD_MULTIPLE = 8
-
-
 #: Rotations drawn before giving up on one that keeps every landmark inside the volume.
 MAX_ROTATION_DRAWS = 10
 

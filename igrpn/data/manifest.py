@@ -16,21 +16,11 @@ from igrpn.config import LANDMARKS, NUM_LANDMARKS
 
 
 SPLITS: tuple[str, ...] = ("train", "test")
-
-
 #: Coordinate columns of the manifest, landmark-major: left_eye_x, left_eye_y, left_eye_z, ...
 LANDMARK_COLUMNS: tuple[str, ...] = tuple(f"{name}_{axis}" for name in LANDMARKS for axis in "xyz")
-
-
 REQUIRED_COLUMNS: tuple[str, ...] = ("case_id", "image", "split") + LANDMARK_COLUMNS
-
-
 OPTIONAL_COLUMNS: tuple[str, ...] = ("source", "seed", "notes")
-
-
 _TEXT_COLUMNS = ("case_id", "image", "split", "source", "notes")
-
-
 _NA_STRINGS = ["", "NA", "N/A", "NaN", "nan", "null", "None"]
 
 

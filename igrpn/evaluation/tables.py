@@ -21,26 +21,14 @@ from igrpn.io import atomic_write_files
 
 #: Metrics of the tables, in the paper's order, then ours beyond the paper.
 PAPER_METRICS = ("ap", "ap35", "ap50", "ap75", "miou", "d_mean", "time_ms")
-
-
 EXTRA_METRICS = ("hit35", "hit50", "hit75")
-
-
 PERCENT_METRICS = ("ap", "ap35", "ap50", "ap75", "miou", "hit35", "hit50", "hit75")
-
-
 CI_METRICS = ("d_mean", "ap", "ap50", "hit50", "miou")
-
-
 #: The image-blind reference: every landmark answered at its mean position over the training
 #: annotations (world mm), whatever the volume shows. A method that does not beat it has learnt
 #: where faces usually are, not where this face is.
 REFERENCE_RUN = "mean_position"
-
-
 REFERENCE_LABEL = "Mean training position (no image)"
-
-
 #: (row label, run name, prior) of Table 1; the paper's detector column names the paper's row.
 TABLE1_ROWS = (
     ("Faster R-CNN", "faster_rcnn", False),
@@ -49,16 +37,12 @@ TABLE1_ROWS = (
     ("IG-RPN", "rpn_ib", True),
     (REFERENCE_LABEL, REFERENCE_RUN, False),
 )
-
-
 #: Table 2: each detector with and without the IoU-balanced loss and the prior.
 TABLE2_ROWS = tuple(
     (label, f"{detector}_{'ib' if balance else 'noib'}", prior)
     for label, detector in (("SSD", "ssd"), ("RPN", "rpn"))
     for balance, prior in ((False, False), (True, False), (False, True), (True, True))
 )
-
-
 #: The paper's claims tested with paired bootstraps: (claim, (run, prior) before, (run, prior) after).
 CLAIMS = (
     ("RPN: the prior helps", ("rpn_ib", False), ("rpn_ib", True)),

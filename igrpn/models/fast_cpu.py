@@ -22,8 +22,6 @@ from torch import Tensor, nn
 
 #: The fast path is on unless the environment sets IGRPN_FAST_INFERENCE=0 (see :func:`fast_inference`).
 _FAST_INFERENCE = os.environ.get("IGRPN_FAST_INFERENCE", "1") != "0"
-
-
 #: Whether oneDNN's fused convolution op works in this PyTorch build (None: not tried yet).
 _ONEDNN_FUSED_OK: bool | None = None
 
@@ -136,8 +134,8 @@ def single_threaded(function):
     """Decorator: run ``function`` with one intra-op thread (``torch.set_num_threads``, restored
     afterwards). For post-processing: it is hundreds of small operations, each a parallel region
     whose two threads must meet; on a 2-core machine shared with other busy processes one of them
-    is often descheduled, and every region then waits a time slice (candidates at the cpu profile:
-    45 ms on one thread, 90–120 ms on two with OpenMP's default wait policy, benchmarks/NOTES.md).
+    is often descheduled, and every region then waits a time slice (measurements:
+    benchmarks/NOTES.md).
     The thread count is process-wide: another Python thread running torch meanwhile gets one too."""
 
     @functools.wraps(function)

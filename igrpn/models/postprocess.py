@@ -17,12 +17,8 @@ from igrpn import anchors as anchor_ops
 
 #: Anchors per chunk in :func:`top_anchors_per_class`: small enough for the CPU caches.
 _SCORE_CHUNK = 16384
-
-
 #: Fewest groups scored exactly in pass 2 of :func:`_top_by_margin_bound`.
 _MIN_SEED_GROUPS = 64
-
-
 #: Slack (nats) on the first pass's bound in :func:`top_anchors_per_class`, far above float rounding.
 _BOUND_SLACK = 1e-3
 

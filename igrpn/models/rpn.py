@@ -52,8 +52,8 @@ def class_major_head(features: Tensor, conv: nn.Conv3d, per_anchor: int, referen
     The post-processing reads every anchor's scores class by class (:func:`top_anchors_per_class`);
     on this layout each class is one contiguous row, where the cell-major layout makes every read
     a stride-C gather. Written directly by a batched matrix product, one (cells, Cin) × (Cin, A)
-    per class, it costs about what the cell-major product costs (~3 ms more at the cpu profile),
-    where transposing afterwards would cost far more (benchmarks/NOTES.md §6).
+    per class, it costs about what the cell-major product costs, where transposing afterwards would
+    cost far more (benchmarks/NOTES.md §6).
 
     Args:
         features: (N, Cin, X, Y, Z).

@@ -291,9 +291,8 @@ def shard_sampler(dataset, context: DistributedContext, seed: int) -> Distribute
 
 def cpu_computes_bf16() -> bool:
     """True when this CPU has AMX-BF16 tile instructions (read from ``/proc/cpuinfo``) and
-    PyTorch's oneDNN can use them. AVX512-BF16 alone is not enough: on such a 2-core machine
-    without AMX a 3D convolution ran at 56 GFLOP/s in bf16 against 88 in fp32 and a cpu-profile RPN
-    step took 1.6–2.7 s against 1.0 s (docs/accuracy.md §13). ``IGRPN_CPU_BF16=0`` in the
+    PyTorch's oneDNN can use them. AVX512-BF16 alone is not enough: without AMX, bf16 convolutions
+    ran slower than fp32 (docs/design.md §10.14, docs/accuracy.md §13). ``IGRPN_CPU_BF16=0`` in the
     environment forces False, ``IGRPN_CPU_BF16=1`` True."""
     forced = os.environ.get("IGRPN_CPU_BF16", "")
     if forced in ("0", "1"):
@@ -325,8 +324,8 @@ def mixed_precision(device: torch.device) -> bool:
 
 def autocast(device: torch.device, enabled: bool = True):
     """Mixed precision for forward and loss: bf16 autocast where the device computes bf16 natively
-    (:func:`mixed_precision`; on a 2-core AMX machine a cpu-profile RPN step's forward and backward
-    ran 2.2× faster), fp32 (no autocast) elsewhere or when not ``enabled``.
+    (:func:`mixed_precision`; docs/design.md §10.14), fp32 (no autocast) elsewhere or when not
+    ``enabled``.
 
     bf16 keeps fp32's exponent range, so no loss scaling is needed; the losses (cross-entropy,
     smooth-L1, BCE) run in fp32 under autocast anyway and the weights and optimiser state stay

@@ -13,10 +13,9 @@ trains on a disjoint shard of the training set with DistributedDataParallel, the
 scaled linearly with the number of processes (the global batch is ``batch_size × world_size``), and
 rank 0 alone validates and writes the log and the checkpoints (see :mod:`igrpn.training.distributed`).
 
-Optimiser: AdamW with a short linear warm-up and a cosine decay. Adam needs no per-method tuning of
-the step size across the four detectors (their losses have very different scales), and the cosine
-schedule ends every run at a small learning rate whatever the epoch budget, which matters when a
-profile gives only a dozen epochs.
+Optimiser: the profile's, AdamW or SGD with Nesterov momentum (docs/design.md §10.12), with a short
+linear warm-up and a cosine decay: the cosine schedule ends every run at a small learning rate
+whatever the epoch budget, which matters when a profile gives only a dozen epochs.
 """
 
 from __future__ import annotations
@@ -462,10 +461,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def anchor_coverage(cases, profile: Profile) -> "pandas.DataFrame":
     """How well the profile's anchors cover each landmark's GT box (no augmentation).
 
@@ -497,3 +492,7 @@ def anchor_coverage(cases, profile: Profile) -> "pandas.DataFrame":
             records.append({"case_id": case.case_id, "landmark": name, "best_iou": float(best[index]),
                             "num_positive": int(positive[:, index].sum())})
     return pd.DataFrame.from_records(records)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
