@@ -11,12 +11,15 @@ checkpoint already holds all epochs of the same configuration is reused (``--for
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
 import sys
 import time
 from pathlib import Path
+
+import pandas as pd
 
 from igrpn.checkpoint import CheckpointError, load_checkpoint
 from igrpn.config import RUN_CONFIGS, RUN_SEED_OFFSETS, get_profile
@@ -43,7 +46,7 @@ def run_notebook(name: str | Path, output: Path, parameters: dict, progress: boo
     Raises:
         ReproduceError: naming the notebook, the failing cell and its error.
     """
-    import papermill
+    import papermill  # here, not at the top: several seconds to import, and only the notebooks need it
     from papermill.exceptions import PapermillExecutionError
 
     source = NOTEBOOKS / name
@@ -63,7 +66,7 @@ def run_notebook(name: str | Path, output: Path, parameters: dict, progress: boo
 
 def render_html(notebook_path: Path) -> Path:
     """Write ``notebook_path`` as a self-contained HTML page beside it."""
-    import nbformat
+    import nbformat  # here, not at the top: nbconvert takes seconds to import
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook_path, as_version=4))
@@ -111,8 +114,6 @@ PEER_BUDGET_RUN = "rpn_ib"
 
 def peer_profile(profile_name: str):
     """The profile the peer trains with: the named one at ``PEER_STRIDE_VOX`` cells."""
-    import dataclasses
-
     profile = get_profile(profile_name)
     return dataclasses.replace(profile, feature_stride_mm=PEER_STRIDE_VOX * profile.spacing_mm)
 
@@ -143,9 +144,6 @@ def train_and_score_peer(profile, budget_s: float, checkpoint: Path, reuse: bool
                          seed: int, progress: bool = True) -> None:
     """MONAI's RetinaNet trained for ``budget_s`` (unless ``reuse``), scored on the test split beside
     the RPN and IG-RPN: ``tables/peer_test.csv|md``. Needs ``03_evaluate``'s predictions of ``rpn_ib``."""
-    import pandas as pd
-
-
     if not reuse:
         shutil.rmtree(checkpoint.parent, ignore_errors=True)
         peer.train_peer(profile, seed, checkpoint.parent, manifest, budget_s, progress=progress)
@@ -241,7 +239,6 @@ def reproduce(profile_name: str = "cpu", out_dir: str | Path = "report", manifes
 def _peer_step(profile_name: str, out_dir: Path, manifest: Path, seed: int, force: bool, progress: bool,
                wanted: bool, timed) -> None:
     """The peer's timed step, or ``tables/peer_test.md`` saying why there is none (never a stale table)."""
-
 
     for stale in ("peer_test.csv", "peer_test.md"):
         (out_dir / "tables" / stale).unlink(missing_ok=True)

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from igrpn.cli.predict import expand_volume_args, one_line
 from igrpn.config import get_profile, RUN_CONFIGS
 from igrpn.data import CaseError, open_nifti, REQUIRED_COLUMNS
@@ -54,9 +56,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_markups_to_manifest(args: argparse.Namespace) -> int:
     """Write a manifest from volumes and their ``.mrk.json`` landmarks; nothing unless every
     volume is a 3D NIfTI file with a unique name and all five landmarks."""
-    import pandas as pd
-
-
     out = Path(args.out)
     check_writable(out)
     images, unmatched, _ = expand_volume_args(args.images)

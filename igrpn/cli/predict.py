@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from igrpn.cli.args import EXIT_INTERRUPTED, UsageError
 from igrpn.data import CaseError, open_nifti
@@ -85,7 +86,6 @@ def _predict_all(detector, paths: list[Path], failures: list, markups_dir, quiet
         ([(volume, rows)], {markups path: its text}) of the volumes that ran; nothing is written.
     """
     from tqdm.auto import tqdm
-
 
     results, markups = [], {}
     for path in tqdm(paths, desc="igrpn predict", unit="volume", disable=True if quiet else None):
@@ -207,7 +207,7 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def predict_file(detector, path) -> tuple["pandas.DataFrame", list[str]]:
+def predict_file(detector, path) -> tuple[pd.DataFrame, list[str]]:
     """Read one volume and predict it.
 
     Returns:
@@ -285,8 +285,6 @@ def predictions_text(results: list, path: Path) -> str:
     JSON: ``[{"volume": name, "landmarks": [selected rows], "candidates": [all rows]}, ...]``,
     always valid JSON (a non-finite number, which JSON cannot hold, would be ``null``).
     """
-    import pandas as pd
-
     if output_format(path) == "csv":
         text = pd.concat([rows for _, rows in results], ignore_index=True).to_csv(index=False)
     else:

@@ -7,10 +7,13 @@ times in ms per volume on the machine that ran the evaluation.
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from igrpn.config import PEER_METHOD, Profile
 from igrpn.evaluation import metrics
@@ -55,11 +58,6 @@ def _package_versions() -> dict:
 
 
 def _device() -> str:
-    import os
-    import platform
-
-    import torch
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

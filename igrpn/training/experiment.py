@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 import functools
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -417,8 +418,6 @@ def steptime_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])

@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
@@ -177,9 +178,6 @@ def validate(model, cases, profile: Profile, handedness: int | None = None) -> d
     """Mean landmark distance (mm) and hit rate at IoU 0.5 of the answers without the prior on
     ``cases``, selected as :class:`igrpn.detect.Detector` selects them and scored as the report's
     tables are (:func:`igrpn.evaluation.metrics.evaluate`)."""
-    import pandas as pd
-
-
     detector = Detector(model, profile, handedness=handedness)  # puts the model in eval mode
     rows = []
     for case in cases:
@@ -261,7 +259,6 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
            validate_every: int = 1) -> Path:
     """The body of :func:`train` in one process of a (possibly one-process) group."""
     from tqdm.auto import tqdm
-
 
     run_config = _run_config(profile, method, iou_balance, seed, manifest, context.world_size, max_steps_per_epoch,
                              max_seconds)
@@ -461,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def anchor_coverage(cases, profile: Profile) -> "pandas.DataFrame":
+def anchor_coverage(cases, profile: Profile) -> pd.DataFrame:
     """How well the profile's anchors cover each landmark's GT box (no augmentation).
 
     For every case and landmark: the best IoU of any anchor with the GT box and the number of
@@ -471,9 +468,6 @@ def anchor_coverage(cases, profile: Profile) -> "pandas.DataFrame":
     Returns:
         DataFrame with columns ``case_id, landmark, best_iou, num_positive``.
     """
-    import pandas as pd
-
-
     stride = detection_stride(profile)
     box_vox = torch.tensor([profile.mm_to_vox(b) for b in profile.gt_box_mm], dtype=torch.float32)
     sizes_vox = [profile.mm_to_vox(s) for s in profile.anchor_sizes_mm]

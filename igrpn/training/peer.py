@@ -31,6 +31,7 @@ import functools
 import itertools
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -367,9 +368,6 @@ def build_detector(profile: Profile):
 
 def _handedness(train_cases) -> int:
     """The eye-naming sign of the training annotations, as igrpn.training.loop measures it."""
-    import warnings
-
-
     handedness, agreement = fit_handedness(np.stack([case.landmarks_mm for case in train_cases]))
     if agreement < 0.95:
         warnings.warn(f"only {agreement:.0%} of the training landmark sets share one handedness "
@@ -430,7 +428,6 @@ def train_peer(profile: Profile, seed: int, out_dir: Path, manifest: Path, budge
         ``{"steps", "train_seconds", "checkpoint", "log", "handedness", "val_ids"}``.
     """
     from tqdm.auto import tqdm
-
 
     if not budget_s > 0:
         raise ValueError(f"train_peer: budget_s must be > 0 seconds, got {budget_s}")
