@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from igrpn.checkpoint import load_checkpoint, model_from_checkpoint
 from igrpn.config import LANDMARKS, LEFT_RIGHT_PAIRS, Profile
@@ -393,8 +394,6 @@ def predict_cases(detector: Detector, cases, prior=None, progress: bool = True):
         ``case_id`` column and every candidate; timing has per-case ``model_ms``,
         ``postprocess_ms`` (decode, softmax, NMS, top-k) and ``prior_ms``.
     """
-    from tqdm.auto import tqdm
-
     saved_prior, detector.prior = detector.prior, None
     plain, with_prior, timing = [], [], []
     try:

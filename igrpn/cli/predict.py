@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from igrpn.cli.args import EXIT_INTERRUPTED, UsageError
 from igrpn.data import CaseError, open_nifti
@@ -85,8 +86,6 @@ def _predict_all(detector, paths: list[Path], failures: list, markups_dir, quiet
     Returns:
         ([(volume, rows)], {markups path: its text}) of the volumes that ran; nothing is written.
     """
-    from tqdm.auto import tqdm
-
     results, markups = [], {}
     for path in tqdm(paths, desc="igrpn predict", unit="volume", disable=True if quiet else None):
         try:

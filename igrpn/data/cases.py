@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from nibabel.openers import ImageOpener
+from tqdm.auto import tqdm
 
 from igrpn.config import LANDMARKS
 from igrpn.data.manifest import SPLITS, landmarks_from_row, read_manifest
@@ -136,8 +138,6 @@ def check_nifti_header(image, name: str) -> list[str]:
 
 def _stored_pixdim(image) -> np.ndarray:
     """``pixdim`` as stored in the file (nibabel's loaded header already has its zeros set to 1)."""
-    from nibabel.openers import ImageOpener
-
     try:
         holder = image.file_map.get("header") or image.file_map["image"]  # a pair, or a single file
         with ImageOpener(holder.filename) as stream:
@@ -219,8 +219,6 @@ def load_cases(manifest_df, spacing_mm: float, split: str | None = None, progres
         split: ``"train"``, ``"test"`` or None for every row.
         progress: show a tqdm progress bar.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(manifest_df, pd.DataFrame):
         manifest_df = read_manifest(manifest_df)
     if split is not None:

@@ -1,5 +1,5 @@
-"""Evaluation of every trained configuration on the test split, Table 1 and Table 2 beside the
-paper's, and the Markdown they go into.
+"""``REPORT.md``: the tables beside the paper's, the claims, the peer, the figures, the wall time and
+the decisions of docs/design.md §10, written from what ``make reproduce`` left on disk.
 
 Percentages are printed as the paper prints them (AP, hit rates and mIoU × 100); distances in mm;
 times in ms per volume on the machine that ran the evaluation.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pandas as pd
@@ -46,8 +47,6 @@ def design_decisions(path: str | Path = DESIGN_DOC) -> str:
 
 
 def _package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": sys.version.split()[0]}
     for name in ("igrpn", "torch", "numpy", "pandas", "nibabel", "matplotlib", "papermill", "ipywidgets"):
         try:

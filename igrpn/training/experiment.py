@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from igrpn import config
 from igrpn.checkpoint import load_checkpoint
@@ -253,8 +254,6 @@ def validation_curves(out_root: Path, names: list[str]) -> pd.DataFrame:
 
 def plot_validation_curves(curves: pd.DataFrame, reference_mm: float | None = None):
     """Validation d-mean against training minutes, one line per run (a matplotlib Figure)."""
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = figure.add_subplot()
     colours = {}

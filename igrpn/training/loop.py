@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from igrpn import config
 from igrpn.anchors import make_anchors
@@ -258,8 +259,6 @@ def _train(profile: Profile, method: str, iou_balance: bool, seed: int, out_dir:
            context: distributed.DistributedContext, max_seconds: float | None = None,
            validate_every: int = 1) -> Path:
     """The body of :func:`train` in one process of a (possibly one-process) group."""
-    from tqdm.auto import tqdm
-
     run_config = _run_config(profile, method, iou_balance, seed, manifest, context.world_size, max_steps_per_epoch,
                              max_seconds)
     # For the record only (not a resume key): the arithmetic this machine trains in.

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from igrpn.config import LANDMARKS, LEFT_RIGHT_PAIRS, NUM_LANDMARKS, PEER_METHOD, Profile
 from igrpn.data import collate, LandmarkDataset, load_cases, read_manifest
@@ -427,8 +428,6 @@ def train_peer(profile: Profile, seed: int, out_dir: Path, manifest: Path, budge
     Returns:
         ``{"steps", "train_seconds", "checkpoint", "log", "handedness", "val_ids"}``.
     """
-    from tqdm.auto import tqdm
-
     if not budget_s > 0:
         raise ValueError(f"train_peer: budget_s must be > 0 seconds, got {budget_s}")
     _require_monai()
