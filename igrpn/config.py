@@ -9,6 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The checkout that holds the package, its notebooks, docs and default data set: the paths of
+#: ``make reproduce`` and of the profiles' manifests are relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: Landmark names in class-id order (class id = index + 1; 0 is background). Left/right are the
 #: fetus's own.

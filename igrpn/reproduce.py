@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from igrpn.checkpoint import CheckpointError, load_checkpoint
-from igrpn.config import RUN_CONFIGS, RUN_SEED_OFFSETS, get_profile
+from igrpn.config import REPO_ROOT, RUN_CONFIGS, RUN_SEED_OFFSETS, get_profile
 from igrpn.data import load_cases, read_manifest
 from igrpn.evaluation.answers import answers, ground_truth
 from igrpn.evaluation.report import (PEER_COMPARED, PEER_RUN, peer_test_markdown, peer_test_table, training_seconds,
@@ -31,7 +31,6 @@ from igrpn.phantom import command_manifest, default_manifest
 from igrpn.training import peer
 from igrpn.viz.browser import save_viewer_screenshot
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from igrpn.config import PEER_METHOD, Profile
+from igrpn.config import PEER_METHOD, REPO_ROOT, Profile
 from igrpn.evaluation import metrics
 from igrpn.evaluation.answers import configuration_label
 from igrpn.evaluation.tables import (REFERENCE_RUN, comparison, format_value, paper_tables, per_landmark_markdown,
                                      ranking_markdown, scores_record)
 
 #: The project's reading of the paper; its §10 (the decisions) is repeated in every report.
-DESIGN_DOC = Path(__file__).resolve().parents[2] / "docs" / "design.md"
+DESIGN_DOC = REPO_ROOT / "docs" / "design.md"
 #: The heading that opens §10 of the design document.
 DECISIONS_HEADING = "## 10. "
 
@@ -193,7 +193,7 @@ def training_seconds(out_dir: Path, step: str) -> float:
 
 
 #: The experiment runner's table (igrpn.training.experiment), read for the report's "Against a peer".
-EXPERIMENTS_CSV = Path(__file__).resolve().parents[2] / "docs" / "experiments.csv"
+EXPERIMENTS_CSV = REPO_ROOT / "docs" / "experiments.csv"
 
 
 def peer_markdown(experiments: pd.DataFrame) -> str:

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from igrpn.config import LANDMARKS, NUM_LANDMARKS, get_profile
+from igrpn.config import LANDMARKS, NUM_LANDMARKS, REPO_ROOT, get_profile
 from igrpn.io import atomic_write_files
 from igrpn.phantom.scene import check_arguments, make_phantom_with_info
 
@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 #: The repository's root, which the profiles' manifests (``Profile.manifest``) are relative to.
-REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Most volumes one data set may have (the seeds and the manifest are built in memory).
 MAX_VOLUMES = 100_000
 #: Manifest columns, in order.

@@ -24,6 +24,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from igrpn.config import REPO_ROOT
+
 # playwright (optional: ``browser_missing`` reports it) and papermill / nbformat (seconds to import)
 # are imported inside the functions that use them, so that ``import igrpn.viz`` stays light.
 
@@ -42,7 +44,6 @@ __all__ = [
     "wait_for_server",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # igrpn/viz/browser.py → the repository
 VIEWER_NOTEBOOK = REPO_ROOT / "notebooks" / "viewer.ipynb"
 #: Debian's Chromium; Playwright drives it (its own browser download is not used).
 CHROMIUM = Path("/usr/lib/chromium/chromium")
